@@ -1,0 +1,116 @@
+"""Start a Plan on Ray: an embedded local Ray by default, or the existing cluster at cluster.address.
+
+Ray only places the workers, wires the process group and collects reports and checkpoints;
+the DeepSpeed engine lives in orchestrator.train_loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Optional
+
+from orchestrator.checkpoint import EXPORT_DIR
+from orchestrator.config import ClusterConfig, RunConfig
+from orchestrator.errors import UserError
+from orchestrator.plan import ClusterResources, Plan
+
+# NVLink SHARP / multicast stays off: the lent multi-GPU machines (and many clouds) do not support it.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+QUIET_ENV = {"RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def start_ray(cluster: ClusterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    for key, value in {**NCCL_ENV, **QUIET_ENV}.items():
+        os.environ.setdefault(key, value)
+    env_vars = {k: os.environ[k] for k in NCCL_ENV}
+    if cluster.address:
+        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+        return
+    # Embedded cluster: dashboard (which serves Ray Train's state API) on loopback only; one logical CPU
+    # more than the workers need, as Ray Train's controller takes a slot (the workers share the real cores).
+    ray.init(num_cpus=max(os.cpu_count() or 1, cluster.cpu_workers + 1), include_dashboard=None,
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+
+
+def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResources:
+    """What the plan is for: the cluster.* overrides where given (sizing), else what Ray (or the local
+    machine, for a dry run without Ray) reports."""
+    import torch
+
+    if ray_started:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        gpus_per_node = max((int(n["Resources"].get("GPU", 0)) for n in nodes), default=0)
+        cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
+        node_count = len(nodes)
+    else:
+        gpus_per_node = torch.cuda.device_count()
+        cpus = os.cpu_count() or 1
+        node_count = 1
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    return ClusterResources(
+        nodes=cluster.nodes if cluster.nodes is not None else node_count,
+        gpus_per_node=cluster.gpus if cluster.gpus is not None else gpus_per_node,
+        gpu_memory_gb=cluster.gpu_memory_gb if cluster.gpu_memory_gb is not None else memory,
+        cpus=cpus,
+    )
+
+
+def run_training(run: RunConfig, plan: Plan):
+    """Fit on Ray; copy the consolidated export to <run_dir>/export. Returns Ray's Result."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from orchestrator.train_loop import train_loop
+
+    storage = run.cluster.storage_path or os.path.join(run.run_dir, "checkpoints")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"run": run, "plan": plan, "progress_bar": sys.stdout.isatty()},
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run.name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.trainer.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress bar says enough
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # a UserError raised inside a worker arrives wrapped by Ray
+        user_error = _find_user_error(err)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
+    return result
+
+
+def export_from(checkpoint, destination: str) -> None:
+    with checkpoint.as_directory() as directory:
+        shutil.copytree(os.path.join(directory, EXPORT_DIR), destination, dirs_exist_ok=True)
+
+
+def _find_user_error(err: BaseException) -> Optional[UserError]:
+    seen = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return UserError(str(current).splitlines()[0] if str(current) else "")
+        stack += [current.__cause__, current.__context__]
+        stack += list(getattr(current, "worker_failures", {}).values() if isinstance(
+            getattr(current, "worker_failures", None), dict) else [])
+    return None

@@ -1,0 +1,122 @@
+"""`python -m orchestrator [+experiment=NAME] [key=value ...]`: compose, validate, plan, launch.
+
+Mistakes a user can make (config, data, model path, resources) end the run before anything starts,
+with one line on stderr that names the key or file, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import List
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from orchestrator import console
+from orchestrator.config import Launcher, RunConfig, absolute_path, register_schema, to_run_config
+from orchestrator.errors import EXIT_USER_ERROR, UserError
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path="../hydra_conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run = to_run_config(cfg)
+        run.run_dir = HydraConfig.get().runtime.output_dir
+        execute(run)
+    except UserError as err:  # exit here: past this point Hydra prints its own line about the job
+        exit_with(str(err))
+
+
+def execute(run: RunConfig) -> dict:
+    """Everything after composition: checks that need files, the plan, and the launch."""
+    from launch.local import detect_resources, run_training, start_ray
+    from orchestrator.data import read_data
+    from orchestrator.model import read_model_config, transformer_count
+    from orchestrator.plan import describe, make_plan
+
+    base = os.getcwd()
+    run.model.path = absolute_path(run.model.path, base)
+    run.model.tokenizer_path = absolute_path(run.model.tokenizer_path, base)
+    run.data.path = absolute_path(run.data.path, base)
+    run.data.validation_path = absolute_path(run.data.validation_path, base)
+    run.resume = absolute_path(run.resume, base)
+
+    model_config = read_model_config(run.model)  # fails fast on a missing model, before Ray starts
+    layers = transformer_count(model_config)
+    if run.model.freeze_depth > layers:
+        raise UserError(f"model.freeze_depth={run.model.freeze_depth} is not allowed: {run.model.path} has "
+                        f"{layers} layers (use 0..{layers})")
+    raw = read_data(run.data, run.model.task, run.trainer.seed)
+    console.data_summary(raw)
+
+    sizing_only = run.dry_run and run.cluster.gpus is not None
+    if not sizing_only and run.launcher is Launcher.local:
+        start_ray(run.cluster)
+    plan = make_plan(run, detect_resources(run.cluster, ray_started=not sizing_only))
+    print(describe(plan), flush=True)
+    os.makedirs(run.run_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, "plan.json"), "w", encoding="utf-8") as handle:
+        handle.write(plan.to_json())
+    if run.dry_run:
+        return {}
+    if run.launcher is Launcher.rayjob:
+        raise UserError("launcher=rayjob is not available yet: run with launcher=local (the default)")
+    result = run_training(run, plan)
+    console.final_summary(result.metrics, run)
+    return result.metrics
+
+
+def describe_config_error(err: BaseException) -> str:
+    """Hydra/OmegaConf composition errors → one line naming the key, the value and what is allowed."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key, message = cause.full_key, cause.msg.splitlines()[0]
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and message.startswith("Key "):
+            return f"{key}: no such key; allowed keys here: {', '.join(allowed_keys(key))}"
+        invalid = re.match(r"Invalid value '(.*?)', expected one of \[(.*)\]", message)
+        if invalid:
+            return f"{key}={invalid.group(1)} is not allowed: expected one of {invalid.group(2)}"
+        converted = re.match(r"Value '(.*?)' of type '.*?' could not be converted to (\w+)", message)
+        if converted:
+            return f"{key}={converted.group(1)} is not allowed: expected {converted.group(2).lower()}"
+        return f"{key}: {message}"
+    text = " ".join(str(err).split("Config search path")[0].split())
+    missing = re.search(r"Could not find '(.+?)/(.+?)'.*?Available options in '.+?':\s*(.*)", text)
+    if missing:
+        group, choice, options = missing.groups()
+        return f"{group}={choice} is not allowed: available options: {', '.join(options.split())}"
+    return text
+
+
+def allowed_keys(full_key: str) -> List[str]:
+    """The keys the schema allows next to `full_key` (e.g. every trainer.* key for trainer.max_step)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(RunConfig)
+    for part in full_key.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, DictConfig) and part in node else None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def cli() -> None:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        exit_with(describe_config_error(err))
+
+
+def exit_with(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,43 @@
+"""Sharded DeepSpeed checkpoints through Ray Train, and the consolidated Hugging Face export.
+
+Every rank writes its own ZeRO-3 shard into a local directory and hands it to `ray.train.report`;
+Ray merges the ranks' files into one checkpoint under the run's storage path and keeps the newest K.
+The export gathers the full weights onto rank 0, which alone writes safetensors + config + tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, Optional
+
+import ray.train
+
+DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint: every rank's ZeRO shards
+EXPORT_DIR = "hf"  # inside the final checkpoint: the consolidated Hugging Face model
+TAG = "zero"
+
+
+def save_and_report(engine, step: int, metrics: Dict[str, float], export: Optional[tuple] = None) -> None:
+    """Collective: all ranks call it. `export=(model, tokenizer)` adds the consolidated HF model."""
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG, client_state={"step": step})
+        if export is not None:
+            export_hf(engine, *export, os.path.join(directory, EXPORT_DIR))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def export_hf(engine, model, tokenizer, directory: str) -> None:
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0 only
+    if engine.global_rank == 0:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+
+def restore(engine, checkpoint: Optional[ray.train.Checkpoint]) -> int:
+    """Load model, optimizer and scheduler state; returns the step to continue from (0 without one)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG)
+    return int(client_state["step"])

@@ -1,0 +1,235 @@
+"""The run's configuration schema: typed dataclasses, registered in Hydra's ConfigStore.
+
+Every knob has one home here, with a default that works and a comment giving its unit.
+Hydra checks key names and types while composing (the schema is the base of `hydra_conf/config.yaml`);
+`validate()` checks what types cannot express (ranges, combinations) and raises `UserError`.
+The training loop receives the resulting `RunConfig` object and never looks at Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.errors import UserError
+
+
+class Task(Enum):
+    classification = "classification"  # encoder/decoder + classification head, label per text
+    causal_lm = "causal_lm"  # next-token loss on the response tokens only
+
+
+class Init(Enum):
+    pretrained = "pretrained"  # load the weights at model.path
+    random = "random"  # build from model.path's config.json with random weights (tests, benchmarks)
+
+
+class DataFormat(Enum):
+    auto = "auto"  # detected from the first row's fields
+    classification = "classification"  # {"text", "label"}
+    alpaca = "alpaca"  # {"instruction", "input", "output"}
+
+
+class Strategy(Enum):
+    auto = "auto"  # the planner decides from the cluster and the model
+    full = "full"  # full-parameter, DeepSpeed ZeRO-3
+    full_offload = "full_offload"  # ZeRO-3 with optimizer state and parameters offloaded to CPU
+    lora = "lora"  # peft LoRA adapters
+    qlora = "qlora"  # LoRA on a 4-bit NF4 base model (GPU only)
+
+
+class Schedule(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class ClassWeighting(Enum):
+    none = "none"
+    balanced = "balanced"  # weight_c = n / (k * n_c), as scikit-learn's "balanced"
+    sqrt_balanced = "sqrt_balanced"  # square root of "balanced": gentler on very rare classes
+
+
+class LoggerMode(Enum):
+    online = "online"  # falls back to offline when no WANDB_API_KEY is set
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Launcher(Enum):
+    local = "local"  # embedded Ray, or the existing cluster at cluster.address
+    rayjob = "rayjob"  # render (and submit) a KubeRay RayJob
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "minilm"  # Hugging Face id, local directory, or "minilm" (the bundled all-MiniLM-L6-v2)
+    task: Task = Task.classification
+    init: Init = Init.pretrained
+    tokenizer_path: Optional[str] = None  # default: model.path
+    freeze_depth: int = 0  # freeze the embeddings and the bottom N transformer blocks (0 = train all)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    trust_remote_code: bool = False  # run code shipped with the model: only for models you trust
+    allow_download: bool = False  # fetch a hub id that is not in the local HF cache
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # applied to config.json (e.g. layers)
+
+
+@dataclass
+class DataConfig:
+    path: str = "sample:legal_clauses"  # JSONL/CSV file, a directory with train/validation files, or sample:<name>
+    validation_path: Optional[str] = None  # default: the directory's validation file, else a split of path
+    format: DataFormat = DataFormat.auto
+    max_length: int = 256  # tokens; longer rows are truncated and counted
+    validation_fraction: float = 0.1  # share of rows held out when there is no validation file
+    max_validation_rows: Optional[int] = None  # evaluate on the first N validation rows (None = all)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5  # peak learning rate
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1  # share of trainer.max_steps spent warming up linearly from 0
+    schedule: Schedule = Schedule.cosine  # decay after warmup
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    class_weighting: ClassWeighting = ClassWeighting.none  # classification: weight the loss by class rarity
+    balanced_sampling: bool = False  # classification: draw batches with classes equally likely
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 8  # rows per worker per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step (ignored when global_batch_size is set)
+    global_batch_size: Optional[int] = None  # rows per optimizer step; sets grad_accum = this / (workers * micro)
+    eval_every: int = 0  # steps between evaluations (0 = only before and after training)
+    checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
+    keep_checkpoints: int = 2  # newest K checkpoints kept
+    seed: int = 42
+    precision: Precision = Precision.auto
+
+
+@dataclass
+class PeftConfig:
+    rank: int = 16  # LoRA rank r
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # default: per architecture (peft's table)
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # existing Ray cluster ("auto" or ray://host:port); None = embedded local Ray
+    nodes: Optional[int] = None  # plan for this many nodes instead of reading Ray (sizing)
+    gpus: Optional[int] = None  # GPUs per node to plan for (0 = CPU workers); None = read from Ray
+    gpu_memory_gb: Optional[float] = None  # memory per GPU to plan for; None = read from the GPUs
+    cpu_workers: int = 2  # Ray workers when there is no GPU
+    storage_path: Optional[str] = None  # checkpoints (a path every node sees); None = the run directory
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.online
+    project: str = "orchestrator"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # W&B group (sweeps share one)
+    progress: bool = True  # console progress bar on rank 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    strategy: Strategy = Strategy.auto
+    launcher: Launcher = Launcher.local
+    dry_run: bool = False  # print the plan and stop
+    resume: Optional[str] = None  # a checkpoint directory (or a run directory: its newest checkpoint)
+    name: str = "run"  # experiment name: W&B run name and the run directory's parent
+    run_dir: str = "."  # set by the CLI to Hydra's output directory; the export goes to <run_dir>/export
+
+
+def register_schema() -> None:
+    """Make the schema the base of hydra_conf/config.yaml, so Hydra rejects unknown keys and bad types."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Hydra's composed config (already type-checked) → the RunConfig object, validated."""
+    run = OmegaConf.to_object(cfg)
+    assert isinstance(run, RunConfig)
+    validate(run)
+    return run
+
+
+def config_dict(run: RunConfig) -> Dict[str, Any]:
+    """Plain, JSON-able dict of the config (enums as their names), for trackers and plan files."""
+    return OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(run: RunConfig) -> None:
+    """Checks that types cannot express. Each failure names the key, the value and what is allowed."""
+    t, o, m, d, p = run.trainer, run.optim, run.model, run.data, run.peft
+    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
+    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "an integer >= 1")
+    _check(t.global_batch_size is None or t.global_batch_size >= 1, "trainer.global_batch_size",
+           t.global_batch_size, "an integer >= 1, or null")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0 (0 = before and after only)")
+    _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
+    _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a number in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+           "two numbers in [0, 1)")
+    _check(m.freeze_depth >= 0, "model.freeze_depth", m.freeze_depth,
+           "an integer from 0 to the model's number of layers")
+    _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8 (tokens)")
+    _check(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "a number in (0, 1)")
+    _check(p.rank >= 1, "peft.rank", p.rank, "an integer >= 1")
+    _check(0 <= p.dropout < 1, "peft.dropout", p.dropout, "a number in [0, 1)")
+    _check(run.cluster.cpu_workers >= 1, "cluster.cpu_workers", run.cluster.cpu_workers, "an integer >= 1")
+    _check(run.cluster.gpus is None or run.cluster.gpus >= 0, "cluster.gpus", run.cluster.gpus,
+           "an integer >= 0 (GPUs per node), or null to read them from Ray")
+    _check(run.cluster.nodes is None or run.cluster.nodes >= 1, "cluster.nodes", run.cluster.nodes,
+           "an integer >= 1, or null")
+    if m.task is Task.causal_lm:
+        _check(not o.balanced_sampling, "optim.balanced_sampling", o.balanced_sampling,
+               "false for model.task=causal_lm (it applies to classification)")
+        _check(o.class_weighting is ClassWeighting.none, "optim.class_weighting", o.class_weighting.value,
+               "none for model.task=causal_lm (it applies to classification)")
+
+
+def absolute_path(path: Optional[str], base: str) -> Optional[str]:
+    """Ray workers run in another working directory: every user path is made absolute on the driver."""
+    if path is None or path.startswith(("sample:", "builtin:")) or path == "minilm" or not _looks_local(path, base):
+        return path
+    return os.path.abspath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _looks_local(path: str, base: str) -> bool:
+    """A hub id ("org/name") stays as it is unless such a directory exists locally."""
+    expanded = os.path.expanduser(path)
+    return os.path.isabs(expanded) or expanded.startswith(".") or os.path.exists(os.path.join(base, expanded))

@@ -1,0 +1,35 @@
+"""What the driver prints: the data summary before training and the before/after table at the end."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Dict
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import RunConfig
+
+_console = Console(highlight=False, soft_wrap=True)
+
+
+def data_summary(raw) -> None:
+    line = f"data: {raw.format.value}, {len(raw.train)} train rows, {len(raw.validation)} validation rows"
+    if raw.labels is not None:
+        counts = Counter(str(r.fields["label"]) for r in raw.train)
+        shares = ", ".join(f"{name} {counts[name] / len(raw.train):.0%}" for name in raw.labels)
+        line += f"\ntrain labels: {shares}"
+    _console.print(line)
+
+
+def final_summary(metrics: Dict, run: RunConfig) -> None:
+    table = Table(title=f"{run.name}: validation before and after {run.trainer.max_steps} steps")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in sorted(k.removeprefix("eval/") for k in metrics if k.startswith("eval/")):
+        before = metrics.get(f"eval_before/{key}")
+        table.add_row(key, "-" if before is None else f"{before:.4f}", f"{metrics[f'eval/{key}']:.4f}")
+    _console.print(table)
+    _console.print(f"export: {os.path.join(run.run_dir, 'export')}")

@@ -1,0 +1,112 @@
+"""Read rows from JSONL or CSV files; find the train/validation files of a dataset path.
+
+Every row keeps its origin ("file:line") so that a bad row can be named in the error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from orchestrator.errors import UserError
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+_TRAIN_NAMES = ("train",)
+_VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+_EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+@dataclass
+class Row:
+    fields: Dict[str, Any]
+    where: str  # "file:line", for error messages
+
+
+def read_rows(path: str) -> List[Row]:
+    """All rows of a .jsonl/.json (one object per line) or .csv file (header row names the fields)."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist: check data.path / data.validation_path")
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(_EXTENSIONS)}")
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = _read_csv(handle, path) if suffix == ".csv" else _read_jsonl(handle, path)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8")
+    if not rows:
+        raise UserError(f"{path}: the file has no rows")
+    return rows
+
+
+def _read_jsonl(handle, path: str) -> List[Row]:
+    rows = []
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object")
+        if not isinstance(fields, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}")
+        rows.append(Row(fields, f"{path}:{number}"))
+    return rows
+
+
+def _read_csv(handle, path: str) -> List[Row]:
+    reader = csv.DictReader(handle)
+    rows = []
+    for fields in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in fields:  # more cells than header names
+            raise UserError(f"{where}: more values than the header has columns")
+        rows.append(Row(dict(fields), where))
+    return rows
+
+
+def resolve_dataset_files(path: str, validation_path: Optional[str]) -> Tuple[str, Optional[str]]:
+    """data.path (file, directory or sample:<name>) → (train file, validation file or None)."""
+    if path.startswith("sample:"):
+        name = path.removeprefix("sample:")
+        path = str(SAMPLES_DIR / name)
+        if not os.path.isdir(path):
+            available = sorted(p.name for p in SAMPLES_DIR.iterdir() if p.is_dir())
+            raise UserError(f"data.path=sample:{name}: no such sample set; available: {', '.join(available)}")
+    if os.path.isdir(path):
+        train = _find(path, _TRAIN_NAMES)
+        if train is None:
+            raise UserError(f"data.path={path}: the directory has no train.jsonl or train.csv")
+        return train, validation_path or _find(path, _VALIDATION_NAMES)
+    if not os.path.exists(path):
+        raise UserError(f"data.path={path} does not exist: give a JSONL/CSV file, a directory or sample:<name>")
+    return path, validation_path
+
+
+def _find(directory: str, names: Tuple[str, ...]) -> Optional[str]:
+    for name in names:
+        for ext in _EXTENSIONS:
+            candidate = os.path.join(directory, name + ext)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def read_splits(path: str, validation_path: Optional[str], validation_fraction: float,
+                seed: int) -> Tuple[List[Row], List[Row]]:
+    """Train and validation rows; without a validation file, a seeded random share of train is held out."""
+    train_file, validation_file = resolve_dataset_files(path, validation_path)
+    train = read_rows(train_file)
+    if validation_file is not None:
+        return train, read_rows(validation_file)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held_out = max(1, int(len(train) * validation_fraction))
+    if held_out >= len(train):
+        raise UserError(f"data.path={path}: {len(train)} rows are too few to hold out a validation split")
+    return [train[i] for i in order[held_out:]], [train[i] for i in order[:held_out]]

