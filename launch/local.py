@@ -11,6 +11,8 @@ import shutil
 import sys
 from typing import Optional
 
+import psutil
+
 from orchestrator.checkpoint import EXPORT_DIR
 from orchestrator.config import ClusterConfig, RunConfig
 from orchestrator.errors import UserError
@@ -50,16 +52,20 @@ def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResour
         gpus_per_node = max((int(n["Resources"].get("GPU", 0)) for n in nodes), default=0)
         cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
         node_count = len(nodes)
+        host_memory = min((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**30 or None
     else:
         gpus_per_node = torch.cuda.device_count()
         cpus = os.cpu_count() or 1
         node_count = 1
+        # sizing for another cluster (cluster.gpus given): its host memory is what the user says, if anything
+        host_memory = None if cluster.gpus is not None else psutil.virtual_memory().total / 2**30
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     return ClusterResources(
         nodes=cluster.nodes if cluster.nodes is not None else node_count,
         gpus_per_node=cluster.gpus if cluster.gpus is not None else gpus_per_node,
         gpu_memory_gb=cluster.gpu_memory_gb if cluster.gpu_memory_gb is not None else memory,
         cpus=cpus,
+        host_memory_gb=cluster.host_memory_gb if cluster.host_memory_gb is not None else host_memory,
     )
 
 

@@ -6,12 +6,15 @@ with one line on stderr that names the key or file, and exit code 2.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import time
 from typing import List
 
 import hydra
+import psutil
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig
@@ -48,7 +51,7 @@ def execute(run: RunConfig) -> dict:
     run.data.validation_path = absolute_path(run.data.validation_path, base)
     run.resume = absolute_path(run.resume, base)
 
-    model_config = read_model_config(run.model)  # fails fast on a missing model, before Ray starts
+    model_config = read_model_config(run.model, shape_only=run.dry_run)  # fails fast on a missing model
     layers = transformer_count(model_config)
     if run.model.freeze_depth > layers:
         raise UserError(f"model.freeze_depth={run.model.freeze_depth} is not allowed: {run.model.path} has "
@@ -59,8 +62,9 @@ def execute(run: RunConfig) -> dict:
     sizing_only = run.dry_run and run.cluster.gpus is not None
     if not sizing_only and run.launcher is Launcher.local:
         start_ray(run.cluster)
-    plan = make_plan(run, detect_resources(run.cluster, ray_started=not sizing_only))
-    print(describe(plan), flush=True)
+    resources = detect_resources(run.cluster, ray_started=not sizing_only)
+    plan = make_plan(run, resources, model_config)
+    print(describe(plan, resources.gpu_memory_gb), flush=True)
     os.makedirs(run.run_dir, exist_ok=True)
     with open(os.path.join(run.run_dir, "plan.json"), "w", encoding="utf-8") as handle:
         handle.write(plan.to_json())
@@ -69,8 +73,12 @@ def execute(run: RunConfig) -> dict:
     if run.launcher is Launcher.rayjob:
         raise UserError("launcher=rayjob is not available yet: run with launcher=local (the default)")
     result = run_training(run, plan)
-    console.final_summary(result.metrics, run)
-    return result.metrics
+    metrics = {**result.metrics, "time/command_started_at": psutil.Process().create_time(),
+               "time/finished_at": time.time()}
+    with open(os.path.join(run.run_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=1)
+    console.final_summary(metrics, run)
+    return metrics
 
 
 def describe_config_error(err: BaseException) -> str:

@@ -7,6 +7,7 @@ The export gathers the full weights onto rank 0, which alone writes safetensors 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Dict, Optional
@@ -19,7 +20,8 @@ TAG = "zero"
 
 
 def save_and_report(engine, step: int, metrics: Dict[str, float], export: Optional[tuple] = None) -> None:
-    """Collective: all ranks call it. `export=(model, tokenizer)` adds the consolidated HF model."""
+    """Collective: all ranks call it. `export=(model, tokenizer, strategy, peft config)` adds the
+    consolidated Hugging Face model (and, for adapter strategies, the adapter)."""
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG, client_state={"step": step})
         if export is not None:
@@ -27,11 +29,28 @@ def save_and_report(engine, step: int, metrics: Dict[str, float], export: Option
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def export_hf(engine, model, tokenizer, directory: str) -> None:
+def export_hf(engine, model, tokenizer, strategy: str, peft_config, directory: str) -> None:
+    from orchestrator.adapters import ADAPTER_STRATEGIES, export_adapted
+
+    if strategy in ADAPTER_STRATEGIES:
+        with gathered(engine, model):  # adapters and base complete on every rank for the merge
+            if engine.global_rank == 0:
+                export_adapted(model, strategy, peft_config, directory)
+                tokenizer.save_pretrained(directory)
+        return
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0 only
     if engine.global_rank == 0:
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
+
+
+def gathered(engine, model):
+    """ZeRO-3: gather every partitioned parameter (collective); without ZeRO: nothing to do."""
+    if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
 
 
 def restore(engine, checkpoint: Optional[ray.train.Checkpoint]) -> int:

@@ -39,8 +39,12 @@ class Strategy(Enum):
     auto = "auto"  # the planner decides from the cluster and the model
     full = "full"  # full-parameter, DeepSpeed ZeRO-3
     full_offload = "full_offload"  # ZeRO-3 with optimizer state and parameters offloaded to CPU
-    lora = "lora"  # peft LoRA adapters
-    qlora = "qlora"  # LoRA on a 4-bit NF4 base model (GPU only)
+    lora = "lora"  # peft LoRA adapters on the frozen model
+    qlora = "qlora"  # LoRA on a 4-bit NF4 base model (GPU only, bitsandbytes)
+    dora = "dora"  # weight-decomposed LoRA
+    ia3 = "ia3"  # learned rescaling of keys, values and feed-forward activations
+    prefix = "prefix"  # prefix tuning: trained key/value prefixes in every layer
+    prompt = "prompt"  # prompt tuning: trained soft-prompt embeddings
 
 
 class Schedule(Enum):
@@ -79,7 +83,7 @@ class ModelConfig:
     init: Init = Init.pretrained
     tokenizer_path: Optional[str] = None  # default: model.path
     freeze_depth: int = 0  # freeze the embeddings and the bottom N transformer blocks (0 = train all)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    gradient_checkpointing: Optional[bool] = None  # recompute activations in backward; None = where memory needs it
     trust_remote_code: bool = False  # run code shipped with the model: only for models you trust
     allow_download: bool = False  # fetch a hub id that is not in the local HF cache
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # applied to config.json (e.g. layers)
@@ -127,6 +131,8 @@ class PeftConfig:
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / rank)
     dropout: float = 0.05
     target_modules: Optional[List[str]] = None  # default: per architecture (peft's table)
+    virtual_tokens: int = 20  # prefix / prompt tuning: trained virtual tokens
+    merge: bool = True  # export LoRA/DoRA/IA3 merged into full weights (else the adapter alone)
 
 
 @dataclass
@@ -135,6 +141,7 @@ class ClusterConfig:
     nodes: Optional[int] = None  # plan for this many nodes instead of reading Ray (sizing)
     gpus: Optional[int] = None  # GPUs per node to plan for (0 = CPU workers); None = read from Ray
     gpu_memory_gb: Optional[float] = None  # memory per GPU to plan for; None = read from the GPUs
+    host_memory_gb: Optional[float] = None  # host memory per node to plan for (offload); None = read it
     cpu_workers: int = 2  # Ray workers when there is no GPU
     storage_path: Optional[str] = None  # checkpoints (a path every node sees); None = the run directory
 
@@ -210,6 +217,8 @@ def validate(run: RunConfig) -> None:
     _check(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "a number in (0, 1)")
     _check(p.rank >= 1, "peft.rank", p.rank, "an integer >= 1")
     _check(0 <= p.dropout < 1, "peft.dropout", p.dropout, "a number in [0, 1)")
+    _check(p.alpha >= 1, "peft.alpha", p.alpha, "an integer >= 1")
+    _check(p.virtual_tokens >= 1, "peft.virtual_tokens", p.virtual_tokens, "an integer >= 1")
     _check(run.cluster.cpu_workers >= 1, "cluster.cpu_workers", run.cluster.cpu_workers, "an integer >= 1")
     _check(run.cluster.gpus is None or run.cluster.gpus >= 0, "cluster.gpus", run.cluster.gpus,
            "an integer >= 0 (GPUs per node), or null to read them from Ray")

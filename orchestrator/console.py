@@ -32,4 +32,8 @@ def final_summary(metrics: Dict, run: RunConfig) -> None:
         before = metrics.get(f"eval_before/{key}")
         table.add_row(key, "-" if before is None else f"{before:.4f}", f"{metrics[f'eval/{key}']:.4f}")
     _console.print(table)
+    started = metrics["time/command_started_at"]
+    _console.print(f"time: {metrics['time/finished_at'] - started:.0f}s in all; first step after "
+                   f"{metrics['time/first_step_at'] - started:.0f}s; training {metrics.get('time/train_s', 0):.0f}s; "
+                   f"evaluation {metrics.get('time/eval_s', 0):.0f}s")
     _console.print(f"export: {os.path.join(run.run_dir, 'export')}")

@@ -15,6 +15,8 @@ def deepspeed_config(run: RunConfig, plan: Plan) -> dict:
         "bf16": {"enabled": plan.precision == "bf16"},
         "zero_optimization": {
             "stage": plan.zero_stage,
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": True},
+                "offload_param": {"device": "cpu", "pin_memory": True}} if plan.offload else {}),
             "overlap_comm": plan.use_gpu,  # overlap reduce-scatter with backward (needs CUDA streams)
             "contiguous_gradients": True,
             "reduce_bucket_size": 5e7,  # elements per gradient reduction bucket
@@ -23,8 +25,10 @@ def deepspeed_config(run: RunConfig, plan: Plan) -> dict:
             # the final export gathers the full weights onto rank 0 (in the training precision)
             "stage3_gather_16bit_weights_on_model_save": True,
         },
-        # our optimizer is torch.optim.AdamW (fused on GPU), which ZeRO wraps but does not list as tested
+        # our optimizer is torch.optim.AdamW (fused), which ZeRO wraps but does not list as tested; with
+        # offload it steps on the host copies (DeepSpeedCPUAdam would need a JIT-compiled extension)
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,  # progress comes from our own console bar
         "wall_clock_breakdown": False,
     }

@@ -61,12 +61,27 @@ def resolve_model_path(path: str, allow_download: bool = False) -> str:
                         "check the id, your network and HF_TOKEN")
 
 
-def read_model_config(cfg: ModelConfig) -> dict:
-    """config.json of the model with config_overrides applied: all the planner needs, no weights."""
-    with open(os.path.join(resolve_model_path(cfg.path, cfg.allow_download), "config.json"), encoding="utf-8") as f:
+def read_model_config(cfg: ModelConfig, shape_only: bool = False) -> dict:
+    """config.json of the model with config_overrides applied: all the planner needs, no weights.
+    shape_only (a dry run): a well-known hub id that is not on this machine is planned from the shape
+    the project carries for it (model_configs/*/config.json, "_hub_id")."""
+    try:
+        directory = resolve_model_path(cfg.path, cfg.allow_download)
+    except UserError:
+        directory = known_shape(cfg.path) if shape_only else None
+        if directory is None:
+            raise
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     config.update(cfg.config_overrides)
     return config
+
+
+def known_shape(hub_id: str) -> Optional[str]:
+    for config_file in BUILTIN_CONFIGS.glob("*/config.json"):
+        if json.loads(config_file.read_text()).get("_hub_id") == hub_id:
+            return str(config_file.parent)
+    return None
 
 
 def transformer_count(config: dict) -> int:
@@ -87,10 +102,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype) -> nn.Module:
-    """The model, with pretrained or random weights. Under ZeRO-3 the caller keeps a HfDeepSpeedConfig
-    alive, so that transformers creates the parameters already partitioned (deepspeed.zero.Init)."""
+def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype, strategy: str = "full",
+                gradient_checkpointing: bool = False) -> nn.Module:
+    """The model, with pretrained or random weights, bottom layers frozen. Under ZeRO-3 the caller keeps a
+    HfDeepSpeedConfig alive, so that transformers creates the parameters partitioned (deepspeed.zero.Init).
+    QLoRA loads the base in 4-bit NF4; adapters are added later (adapters.apply_adapter)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from orchestrator.adapters import quantization_config
 
     path = resolve_model_path(cfg.path, cfg.allow_download)
     extra = {}
@@ -103,9 +122,14 @@ def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtyp
     if cfg.init is Init.random:
         model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     else:
-        model = auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        quantization = quantization_config(strategy)
+        model = auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                     **({"quantization_config": quantization, "device_map": {"": 0}}
+                                        if quantization else {}))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if strategy != "full":
+            model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     freeze_bottom_layers(model, cfg.freeze_depth)
     return model
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
 from orchestrator.checkpoint import restore, save_and_report
 from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
@@ -26,6 +28,7 @@ from orchestrator.deepspeed_config import deepspeed_config
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import evaluate
 from orchestrator.model import build_model, load_tokenizer
+from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.tracking import Tracker
 
@@ -40,6 +43,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines; our progress says enough
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     transformers.logging.set_verbosity_error()
     context = ray.train.get_context()
@@ -62,29 +66,40 @@ def train_loop(config: Dict[str, Any]) -> None:
         class_weights = class_weights_for(counts, run.optim.class_weighting.value)
     schedule = GlobalBatchSchedule(len(data.train), plan.global_batch_size, run.trainer.seed,
                                    class_of_row if run.optim.balanced_sampling else None)
+    lengths = [len(e.input_ids) for e in data.train]
 
     # model: HfDeepSpeedConfig (kept alive) makes transformers build it under deepspeed.zero.Init
     ds_config = deepspeed_config(run, plan)
-    zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    zero3_marker = HfDeepSpeedConfig(ds_config) if plan.zero_stage == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
-    model = build_model(run.model, data.labels, dtype)
-    optimizer = make_optimizer(model, run, fused=device.type == "cuda")
+    model = build_model(run.model, data.labels, dtype, plan.strategy, plan.gradient_checkpointing)
+    if plan.strategy in ADAPTER_STRATEGIES:
+        model = apply_adapter(model, plan.strategy, run.peft, task, run.model.freeze_depth)
+    optimizer = make_optimizer(model, run, device, paged=plan.strategy == "qlora")
     scheduler = make_scheduler(optimizer, run)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
+    if plan.zero_stage == 3:
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=ds_config)
+    else:  # one worker training adapters: nothing to partition
+        engine = PlainEngine(model, optimizer, scheduler, plan.grad_accum, run.optim.grad_clip,
+                             torch.bfloat16 if plan.precision == "bf16" else None, device)
     start_step = restore(engine, ray.train.get_checkpoint() or resume_checkpoint(run))
 
     tracker = Tracker(run.logger, rank == 0, run.name, run.run_dir, run.trainer.max_steps, config_dict(run),
                       bar=config.get("progress_bar", True))
     history: Dict[str, Any] = {"train/loss_history": []}
+    timer = PhaseTimer()
     if start_step == 0:
-        history.update(prefixed("eval_before", evaluate_model(engine, data, run, tokenizer, device)))
+        with timer("eval"):
+            history.update(prefixed("eval_before", evaluate_model(engine, data, run, tokenizer, device)))
         tracker.log(0, history)
+    history["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
 
     for step in range(start_step, run.trainer.max_steps):
         started = time.perf_counter()
+        timer.start("train")
         batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id)
-                   for rows in schedule.micro_batches(step, rank, world_size, plan.micro_batch_size)]
+                   for rows in schedule.micro_batches(step, rank, world_size, plan.micro_batch_size, lengths)]
         # normalise by the whole global batch's weight: the same gradient however it is split
         totals = torch.tensor([sum(target_weight(b["labels"], task, class_weights) for b in batches),
                                sum(b["attention_mask"].sum().item() for b in batches), 0.0], dtype=torch.float64)
@@ -103,24 +118,58 @@ def train_loop(config: Dict[str, Any]) -> None:
         dist.all_reduce(loss_sum)
         metrics = {"train/loss": loss_sum.item() / global_weight, "train/lr": lr,
                    "train/tokens_per_s": global_tokens / (time.perf_counter() - started)}
+        timer.stop("train")
         history["train/loss_history"].append(metrics["train/loss"])
         done = step + 1
         if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done < run.trainer.max_steps:
-            metrics.update(prefixed("eval", evaluate_model(engine, data, run, tokenizer, device)))
+            with timer("eval"):
+                metrics.update(prefixed("eval", evaluate_model(engine, data, run, tokenizer, device)))
         tracker.log(done, metrics)
         if run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0 and done < run.trainer.max_steps:
             save_and_report(engine, done, {"step": done, **metrics})
 
-    final = {"step": run.trainer.max_steps, **history, **metrics,
-             **prefixed("eval", evaluate_model(engine, data, run, tokenizer, device))}
+    with timer("eval"):
+        final_eval = prefixed("eval", evaluate_model(engine, data, run, tokenizer, device))
+    final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds()}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
-    save_and_report(engine, run.trainer.max_steps, final, export=(model, tokenizer))
+    save_and_report(engine, run.trainer.max_steps, final, export=(model, tokenizer, plan.strategy, run.peft))
 
 
-def make_optimizer(model: torch.nn.Module, run: RunConfig, fused: bool) -> torch.optim.Optimizer:
+class PhaseTimer:
+    """Seconds spent per phase (train steps, evaluation), reported as time/<phase>_s."""
+
+    def __init__(self):
+        self.total: Dict[str, float] = {}
+        self.open: Dict[str, float] = {}
+
+    def start(self, phase: str) -> None:
+        self.open[phase] = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        self.total[phase] = self.total.get(phase, 0.0) + time.perf_counter() - self.open.pop(phase)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        self.start(phase)
+        yield
+        self.stop(phase)
+
+    def seconds(self) -> Dict[str, float]:
+        return {f"time/{phase}_s": value for phase, value in self.total.items()}
+
+
+def make_optimizer(model: torch.nn.Module, run: RunConfig, device: torch.device,
+                   paged: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: fused on GPU; paged (bitsandbytes) for QLoRA, whose optimizer
+    state pages out to host memory under pressure instead of failing."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps,
-                             weight_decay=run.optim.weight_decay, fused=fused)
+    kwargs = dict(lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps,
+                  weight_decay=run.optim.weight_decay)
+    if paged:
+        import bitsandbytes
+
+        return bitsandbytes.optim.PagedAdamW(trainable, **kwargs)
+    return torch.optim.AdamW(trainable, fused=device.type == "cuda", **kwargs)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig):

@@ -6,8 +6,16 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from orchestrator.config import DataConfig, DataFormat, Task
-from orchestrator.data.formats import (FORMAT_TASK, DataReport, Example, check_rows, detect_format,
-                                       encode_alpaca, encode_classification, label_names)
+from orchestrator.data.formats import (
+    FORMAT_TASK,
+    DataReport,
+    Example,
+    check_rows,
+    detect_format,
+    encode_alpaca,
+    encode_classification,
+    label_names,
+)
 from orchestrator.data.readers import Row, read_splits
 from orchestrator.errors import UserError
 

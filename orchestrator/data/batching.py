@@ -41,9 +41,17 @@ class GlobalBatchSchedule:
             rows.extend(permutation[offset: offset + self.global_batch_size - len(rows)].tolist())
         return rows
 
-    def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> List[List[int]]:
-        """This rank's micro-batches of the step: the global batch laid out as [accumulation, rank, micro]."""
+    def micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int,
+                      lengths: Optional[Sequence[int]] = None) -> List[List[int]]:
+        """This rank's micro-batches of the step: the global batch laid out as [accumulation, rank, micro].
+
+        With `lengths`, the global batch is first sorted by row length, so that each micro-batch holds rows
+        of similar length (little padding) and all ranks work on similar lengths at the same moment. The
+        loss is normalised over the whole global batch, so the order inside it changes nothing but speed.
+        """
         rows = self.global_batch(step)
+        if lengths is not None:
+            rows = sorted(rows, key=lambda row: lengths[row])
         per_micro_step = world_size * micro_batch_size
         return [rows[a * per_micro_step + rank * micro_batch_size: a * per_micro_step + (rank + 1) * micro_batch_size]
                 for a in range(len(rows) // per_micro_step)]

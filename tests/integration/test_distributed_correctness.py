@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from orchestrator.__main__ import execute
-from orchestrator.config import ModelConfig
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate
 from orchestrator.losses import loss_terms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ BAD = [
     (["trainer.max_step=3"], "trainer.max_step: no such key; allowed keys here: checkpoint_every"),
     (["trainer.max_steps=abc"], "trainer.max_steps=abc is not allowed: expected integer"),
     (["logger.mode=loud"], "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
-    (["strategy=bogus"], "strategy=bogus is not allowed: available options: auto, full"),
+    (["strategy=bogus"], "strategy=bogus is not allowed: available options: auto, dora, full, full_offload, ia3, lora"),
     (["+experiment=nope"], "experiment=nope is not allowed: available options: legal_demo, legal_full"),
     (["trainer.max_steps=0"], "trainer.max_steps=0 is not allowed: an integer >= 1"),
     (["model.freeze_depth=9"], "model.freeze_depth=9 is not allowed: minilm has 6 layers (use 0..6)"),
@@ -62,8 +63,7 @@ BAD = [
 def test_cli_rejects_bad_input_in_one_line(overrides, message, tmp_path):
     result = cli(*overrides, "dry_run=true", "cluster.gpus=0", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {message}"] or \
-        result.stderr.strip().startswith(f"error: {message}"), result.stderr
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -75,7 +75,7 @@ def test_cli_prints_the_composed_config():
 
 
 def test_missing_model_weights_say_how_to_point_at_a_local_copy(tmp_path):
-    result = cli("+experiment=legal_full", "dry_run=true", f"hydra.run.dir={tmp_path}/run")
+    result = cli("+experiment=legal_full", f"hydra.run.dir={tmp_path}/run")
     assert result.returncode == 2
     assert "model.path=meta-llama/Llama-3.1-8B-Instruct is neither a local directory" in result.stderr
     assert "set model.path=/models/Llama-3.1-8B-Instruct" in result.stderr
@@ -86,3 +86,13 @@ def test_dry_run_prints_the_plan_and_writes_plan_json(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "strategy=full" in result.stdout
     assert (tmp_path / "run" / "plan.json").is_file()
+
+
+def test_dry_run_plans_a_hub_model_from_its_known_shape_without_weights(tmp_path):
+    result = cli("+experiment=legal_full", "dry_run=true", "cluster.gpus=8", "cluster.gpu_memory_gb=80",
+                 f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 0, result.stderr
+    assert "strategy=full\n" in result.stdout
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["num_workers"] == 8 and plan["strategy"] == "full"
+    assert {c["strategy"] for c in plan["candidates"]} == {"full", "full_offload", "lora", "qlora"}

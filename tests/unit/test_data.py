@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config import DataConfig, DataFormat, Task
+from orchestrator.config import DataConfig, DataFormat, ModelConfig, Task
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, shard_for_evaluation
 from orchestrator.data.formats import IGNORE_INDEX, alpaca_prompt
 from orchestrator.errors import UserError
 from orchestrator.model import load_tokenizer
-from orchestrator.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,7 @@ def test_alpaca_mask_covers_exactly_the_prompt(tokenizer, tmp_path):
     row = {"instruction": "Classify the clause.", "input": "We may end your account at any time.",
            "output": "Unilateral termination"}
     path = write_jsonl(tmp_path / "train.jsonl", [row, row])
-    data = encode_data(read_data(DataConfig(path=str(tmp_path)), Task.causal_lm, 0), tokenizer, 256) if False else \
-        encode_data(read_data(DataConfig(path=path, validation_path=path), Task.causal_lm, 0), tokenizer, 256)
+    data = encode_data(read_data(DataConfig(path=path, validation_path=path), Task.causal_lm, 0), tokenizer, 256)
     example = data.train[0]
     prompt_ids = tokenizer(alpaca_prompt(row))["input_ids"][:-1]  # without the closing [SEP]
     n = len(prompt_ids)
@@ -75,7 +73,8 @@ def test_truncation_is_counted(tokenizer, tmp_path):
     (['{"text": "a", "label": "A"}', '{"text": "b", "label": "A"', '{"text": "c", "label": "B"}'],
      r"train.jsonl:2: not valid JSON"),
     (['{"text": "a", "label": "A"}', '{"text": "b"}'], r"train.jsonl:2: missing field 'label'"),
-    (['{"text": "a", "label": "A"}', '{"text": "   ", "label": "B"}'], r"train.jsonl:2: field 'text' must be non-empty"),
+    (['{"text": "a", "label": "A"}', '{"text": "   ", "label": "B"}'],
+     r"train.jsonl:2: field 'text' must be non-empty"),
     (['{"text": "a", "label": "A"}', '["a", "A"]'], r"train.jsonl:2: expected a JSON object"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, lines, message):
@@ -135,3 +134,16 @@ def test_collate_pads_right_and_masks_targets(tokenizer):
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX] * 3]
+
+
+def test_length_sorted_micro_batches_keep_the_global_batch_and_group_similar_lengths():
+    lengths = [5, 50, 7, 45, 6, 60, 8, 40, 9, 55]
+    schedule = GlobalBatchSchedule(num_rows=10, global_batch_size=8, seed=1)
+    for step in range(3):
+        per_rank = [schedule.micro_batches(step, rank, 2, 2, lengths) for rank in range(2)]
+        flat = [r for rank in per_rank for mb in rank for r in mb]
+        assert sorted(flat) == sorted(schedule.global_batch(step))
+        # accumulation step a on every rank holds the a-th shortest quarter of the global batch
+        for a in range(1, 2):
+            assert max(lengths[r] for rank in per_rank for r in rank[a - 1]) <= \
+                min(lengths[r] for rank in per_rank for r in rank[a])

@@ -1,0 +1,107 @@
+"""Planner decisions over a table of models x GPU counts x GPU memory, and its failure messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.memory import ModelShape, estimate
+from orchestrator.model import BUILTIN_CONFIGS
+from orchestrator.plan import ClusterResources, describe, make_plan
+from tests.conftest import compose_run
+
+
+def shape(name: str) -> dict:
+    return json.loads((BUILTIN_CONFIGS / name / "config.json").read_text())
+
+
+def plan_for(tmp_path, model: str, gpus: int, memory_gb: float, nodes: int = 1, host_gb: float = 2000,
+             extra=()):
+    run = compose_run(["+experiment=legal_full", *extra], tmp_path)
+    resources = ClusterResources(nodes=nodes, gpus_per_node=gpus, gpu_memory_gb=memory_gb, cpus=64,
+                                 host_memory_gb=host_gb)
+    return make_plan(run, resources, shape(model))
+
+
+# (model, nodes, GPUs per node, GiB per GPU, host GiB per node, tokens per row) -> strategy; micro-batch 1
+CASES = [
+    ("qwen2.5-0.5b", 1, 1, 24, 256, 2048, "lora"),
+    ("qwen2.5-0.5b", 1, 2, 24, 256, 2048, "full"),
+    ("llama-3.2-1b", 1, 2, 80, 256, 2048, "full"),
+    ("llama-3.2-1b", 1, 1, 141, 256, 2048, "lora"),  # one GPU is always PEFT
+    ("llama-3.1-8b", 1, 1, 80, 256, 2048, "lora"),
+    ("llama-3.1-8b", 1, 1, 24, 256, 2048, "lora"),  # 16 GB of bf16 weights + checkpointed activations
+    ("llama-3.1-8b", 1, 1, 24, 256, 6144, "qlora"),  # ... but not with 6k-token rows
+    ("llama-3.1-8b", 1, 8, 80, 1024, 4096, "full"),
+    ("llama-3.1-8b", 1, 4, 24, 1024, 2048, "full_offload"),
+    ("qwen2.5-7b", 1, 8, 141, 1024, 4096, "full"),
+    ("llama-3.1-70b", 1, 8, 80, 2048, 2048, "full_offload"),
+    ("llama-3.1-70b", 8, 8, 80, 2048, 2048, "full"),  # 64 GPUs
+    ("llama-3.1-70b", 1, 1, 80, 2048, 2048, "qlora"),
+]
+
+
+@pytest.mark.parametrize("model,nodes,gpus,memory,host,tokens,expected", CASES)
+def test_planner_decisions(tmp_path, model, nodes, gpus, memory, host, tokens, expected):
+    plan = plan_for(tmp_path, model, gpus, memory, nodes=nodes, host_gb=host, extra=[f"data.max_length={tokens}"])
+    assert plan.strategy == expected
+    assert plan.num_workers == nodes * gpus
+    assert plan.predicted_gib_per_gpu <= memory
+    assert plan.zero_stage == (0 if expected in ("lora", "qlora") else 3)
+
+
+def test_no_gpu_means_cpu_workers(tmp_path):
+    run = compose_run([], tmp_path)
+    plan = make_plan(run, ClusterResources(nodes=1, gpus_per_node=0, gpu_memory_gb=None, cpus=2),
+                     shape("tiny-llama"))
+    assert (plan.strategy, plan.num_workers, plan.use_gpu, plan.precision) == ("full", 2, False, "fp32")
+
+
+def test_activation_checkpointing_only_where_memory_needs_it(tmp_path):
+    roomy = plan_for(tmp_path, "llama-3.2-1b", 8, 80)
+    tight = plan_for(tmp_path, "llama-3.1-8b", 8, 40, extra=["data.max_length=4096"])
+    assert roomy.strategy == tight.strategy == "full"
+    assert not roomy.gradient_checkpointing and tight.gradient_checkpointing
+
+
+def test_nothing_fits_fails_before_launch_with_the_numbers(tmp_path):
+    with pytest.raises(UserError, match=r"no full fine-tuning plan fits 2 x 24 GiB: predicted per GPU: full \d+"):
+        plan_for(tmp_path, "llama-3.1-70b", 2, 24, host_gb=64)
+
+
+def test_an_impossible_forced_strategy_fails_with_the_prediction(tmp_path):
+    with pytest.raises(UserError, match=r"strategy=full does not fit: predicted \d+\.\d GiB per GPU against 80 GiB"):
+        plan_for(tmp_path, "llama-3.1-8b", 1, 80, extra=["strategy=full"])
+
+
+def test_qlora_on_cpu_is_refused(tmp_path):
+    run = compose_run(["strategy=qlora"], tmp_path)
+    with pytest.raises(UserError, match="strategy=qlora needs a GPU"):
+        make_plan(run, ClusterResources(nodes=1, gpus_per_node=0, gpu_memory_gb=None, cpus=2), shape("tiny-llama"))
+
+
+def test_global_batch_must_divide_over_workers_and_micro_batches(tmp_path):
+    with pytest.raises(UserError, match=r"trainer.global_batch_size=63 is not allowed: it must be a multiple of"):
+        plan_for(tmp_path, "llama-3.1-8b", 8, 80, extra=["trainer.global_batch_size=63"])
+
+
+def test_parameter_counts_match_the_published_sizes():
+    for name, billions in [("llama-3.2-1b", 1.24), ("llama-3.1-8b", 8.03), ("llama-3.1-70b", 70.6),
+                           ("qwen2.5-0.5b", 0.49), ("qwen2.5-7b", 7.6)]:
+        assert ModelShape.from_config(shape(name)).params / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_zero3_memory_shrinks_with_workers_and_offload_frees_the_gpu():
+    s = ModelShape.from_config(shape("llama-3.1-8b"))
+    one, eight = (estimate("full", s, w, 2048, True).total for w in (1, 8))
+    assert eight < one / 4
+    assert estimate("full_offload", s, 8, 2048, True).total < eight
+    assert estimate("qlora", s, 1, 2048, True).total < estimate("lora", s, 1, 2048, True).total
+
+
+def test_the_printed_plan_has_the_table_the_strategy_line_and_why(tmp_path):
+    text = describe(plan_for(tmp_path, "llama-3.1-8b", 8, 80), 80)
+    for expected in ("candidate", "predicted GiB/GPU", "full_offload", "strategy=full\n", "why: full fine-tuning"):
+        assert expected in text
