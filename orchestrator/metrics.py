@@ -33,7 +33,7 @@ def evaluate(model, examples: List[Example], task: Task, batch_size: int, pad_to
     was_training = model.training
     model.eval()
     share = shard_for_evaluation(len(examples), rank, world_size)
-    totals = torch.zeros(2, dtype=torch.float64)  # loss sum, weight
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, weight (on the device: NCCL)
     predictions: List[int] = []
     golds: List[int] = []
     for start in range(0, len(share), batch_size):
@@ -51,7 +51,8 @@ def evaluate(model, examples: List[Example], task: Task, batch_size: int, pad_to
             predictions += logits.argmax(-1).tolist()
             golds += labels.tolist()
         loss_sum, weight = loss_terms(logits, labels.to(device), task)
-        totals += torch.tensor([loss_sum.item(), weight], dtype=torch.float64)
+        totals[0] += loss_sum.double()
+        totals[1] += weight
     if world_size > 1:
         dist.all_reduce(totals)
         gathered: List = [None] * world_size

