@@ -43,7 +43,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     (out / "cpu_demo.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(f"\nmachine: {machine}\n")
-    print("| data | wall s | command to first step s | training s | evaluation s | rest (export, teardown) s "
+    print("| data | wall s | command to first step s (incl. evaluation before) | training s | evaluation after s "
+          "| rest (export, teardown) s "
           "| accuracy before → after | macro-F1 before → after |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

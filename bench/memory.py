@@ -97,6 +97,7 @@ def run_qlora_in_process(model_dir: Path, data_dir: Path) -> dict:
     tokenizer = load_tokenizer(model_cfg)
     data = encode_data(read_data(run.data, Task.causal_lm, 0), tokenizer, SEQ)
     device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)  # the allocator's statistics exist once the device's context does
     torch.cuda.reset_peak_memory_stats(device)
     model = build_model(model_cfg, None, torch.bfloat16, "qlora", checkpointing, device=device)
     model = apply_adapter(model, "qlora", PeftConfig(), Task.causal_lm)

@@ -50,7 +50,8 @@ def gathered(engine, model):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+    # modifier_rank=None: the merge on rank 0 is written out, not kept, so nothing needs broadcasting back
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
 def restore(engine, checkpoint: Optional[ray.train.Checkpoint]) -> int:

@@ -35,5 +35,5 @@ def final_summary(metrics: Dict, run: RunConfig) -> None:
     started = metrics["time/command_started_at"]
     _console.print(f"time: {metrics['time/finished_at'] - started:.0f}s in all; first step after "
                    f"{metrics['time/first_step_at'] - started:.0f}s; training {metrics.get('time/train_s', 0):.0f}s; "
-                   f"evaluation {metrics.get('time/eval_s', 0):.0f}s")
+                   f"evaluation {metrics.get('time/eval_before_s', 0) + metrics.get('time/eval_s', 0):.0f}s")
     _console.print(f"export: {os.path.join(run.run_dir, 'export')}")

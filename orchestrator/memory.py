@@ -6,14 +6,16 @@ Bytes per parameter, with bf16 weights and an fp32 AdamW (master weights + two m
     full ZeRO-3           (2 weights + 2 grads + 12 optimizer) / workers      + gathered layers + activations
     full ZeRO-3 + offload  optimizer, master weights and parameters in host memory: gathered layers + activations
     LoRA                   2 (frozen base, whole) + 16 x adapter parameters     + activations
-    QLoRA                  ~0.56 (4-bit NF4 with double-quantised constants) for the blocks, 2 for embeddings/head
+    QLoRA                  ~0.51 (4-bit NF4 with double-quantised constants) for the blocks; embeddings, head and
+                           norms are cast to fp32 by peft's prepare_model_for_kbit_training: 4
     freeze depth k         like full, with optimizer state only for the blocks above k
 
 Activations per token and layer (bf16, FlashAttention/SDPA: no s x s score matrix is kept):
     2 x (5 h + 2 kv + 4 I) bytes: inputs of the q/k/v/o projections and norms, and the four I-wide tensors of
     the gated MLP. With activation checkpointing only each layer's input (2 h) is kept, plus one layer's
     full set while it is recomputed. The logits cost 12 bytes x vocabulary per token (bf16 logits, their
-    fp32 copy for the loss, and its gradient).
+    fp32 copy for the loss, and its gradient). QLoRA's fp32 norms keep the h-wide tensors (norm inputs and
+    outputs, the residual stream) in fp32: 2 x 5 h bytes more per token and layer.
 Overhead: CUDA context, NCCL buffers, allocator slack: 1.5 GiB + 8% of the rest.
 """
 
@@ -76,8 +78,9 @@ class ModelShape:
         maps = [(h, h), (h, kv), (h, kv), (h, h)] + [(h, i), (h, i), (i, h)][: 3 if self.gated_mlp else 2]
         return self.layers * sum(rank * (a + b) for a, b in maps)
 
-    def activation_bytes_per_token(self, checkpointing: bool) -> float:
-        layer = 2 * (5 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate)
+    def activation_bytes_per_token(self, checkpointing: bool, fp32_residual: bool = False) -> float:
+        layer = 2 * (5 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate) + (10 * self.hidden if fp32_residual
+                                                                                    else 0)
         logits = 12 * self.vocab
         if checkpointing:
             return self.layers * 2 * self.hidden + layer + logits
@@ -107,7 +110,7 @@ class Estimate:
 def estimate(strategy: str, shape: ModelShape, workers: int, tokens_per_micro_batch: int, checkpointing: bool,
              lora_rank: int = 16, freeze_depth: int = 0) -> Estimate:
     """Peak memory per GPU for one of: full, full_offload, lora, qlora (freeze depth applies to full)."""
-    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing)
+    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing, strategy == "qlora")
     p = shape.params
     # ZeRO-3 gathers a layer at a time, and prefetches the next: two blocks live, in bf16
     gathered = 2 * min(2 * shape.block_params, LIVE_PARAMETER_LIMIT)
@@ -126,7 +129,7 @@ def estimate(strategy: str, shape: ModelShape, workers: int, tokens_per_micro_ba
                         activations=activations, gathered=gathered if workers > 1 else 0)
     if strategy == "qlora":
         blocks = shape.layers * shape.block_params
-        weights = NF4_BYTES * blocks + 2 * (p - blocks)
+        weights = NF4_BYTES * blocks + 4 * (p - blocks)
         return Estimate(weights=weights, gradients=4 * adapters, optimizer=OPTIMIZER_BYTES * adapters,
                         activations=activations, gathered=0)
     raise ValueError(f"unknown strategy {strategy}")

@@ -91,7 +91,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     history: Dict[str, Any] = {"train/loss_history": []}
     timer = PhaseTimer()
     if start_step == 0:
-        with timer("eval"):
+        with timer("eval_before"):  # inside "command to first step", so timed apart from later evaluations
             history.update(prefixed("eval_before", evaluate_model(engine, data, run, tokenizer, device)))
         tracker.log(0, history)
     history["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
