@@ -37,7 +37,7 @@ def reference_losses(run) -> list:
     tokenizer = load_tokenizer(run.model)
     data = encode_data(read_data(run.data, run.model.task, run.trainer.seed), tokenizer, run.data.max_length)
     model = build_model(run.model, None, torch.float32)
-    optimizer = make_optimizer(model, run, fused=False)
+    optimizer = make_optimizer(model, run, torch.device("cpu"))
     scheduler = make_scheduler(optimizer, run)
     global_batch = run.trainer.micro_batch_size * run.trainer.grad_accum * run.cluster.cpu_workers
     schedule = GlobalBatchSchedule(len(data.train), global_batch, run.trainer.seed)
