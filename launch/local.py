@@ -13,7 +13,7 @@ from typing import Optional
 
 import psutil
 
-from orchestrator.checkpoint import EXPORT_DIR
+from orchestrator.checkpoint import EXPORT_DIR, storage_root
 from orchestrator.config import ClusterConfig, RunConfig
 from orchestrator.errors import UserError
 from orchestrator.plan import ClusterResources, Plan
@@ -80,16 +80,17 @@ def run_training(run: RunConfig, plan: Plan):
 
     from orchestrator.train_loop import train_loop
 
-    storage = run.cluster.storage_path or os.path.join(run.run_dir, "checkpoints")
+    loop_config = {"run": run, "plan": plan, "progress_bar": sys.stdout.isatty(), "fault": fault_drill(run.run_dir)}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"run": run, "plan": plan, "progress_bar": sys.stdout.isatty()},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run.name, storage_path=storage,
+            name=run.name, storage_path=storage_root(run),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.trainer.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            # a failed worker (crash, lost node, killed process): restart them all from the last checkpoint
+            failure_config=ray.train.FailureConfig(max_failures=run.trainer.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress bar says enough
         ),
     )
@@ -102,6 +103,15 @@ def run_training(run: RunConfig, plan: Plan):
         raise
     export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
     return result
+
+
+def fault_drill(run_dir: str) -> Optional[dict]:
+    """ORCHESTRATOR_KILL_WORKER=<rank>:<step>: that worker kills itself at that step, once (failure drills)."""
+    value = os.environ.get("ORCHESTRATOR_KILL_WORKER")
+    if not value:
+        return None
+    rank, step = (int(part) for part in value.split(":"))
+    return {"rank": rank, "step": step, "marker": os.path.join(run_dir, ".fault_injected")}
 
 
 def export_from(checkpoint, destination: str) -> None:

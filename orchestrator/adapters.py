@@ -77,4 +77,4 @@ def export_adapted(model: nn.Module, strategy: str, cfg: PeftConfig, directory: 
     model.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
     if cfg.merge and strategy in MERGEABLE:
         merged = model.merge_and_unload()
-        merged.save_pretrained(directory, safe_serialization=True)
+        merged.save_pretrained(directory, safe_serialization=True, max_shard_size="5GB")

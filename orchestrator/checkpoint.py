@@ -1,32 +1,79 @@
-"""Sharded DeepSpeed checkpoints through Ray Train, and the consolidated Hugging Face export.
+"""Sharded DeepSpeed checkpoints through Ray Train, resume, and the consolidated Hugging Face export.
 
-Every rank writes its own ZeRO-3 shard into a local directory and hands it to `ray.train.report`;
-Ray merges the ranks' files into one checkpoint under the run's storage path and keeps the newest K.
+Every rank writes its own ZeRO-3 shard, its RNG state and, last, a completion marker into a local
+directory and hands it to `ray.train.report`; Ray merges the ranks' files into one checkpoint under the
+run's storage path, registers it once every rank has reported, and keeps the newest K. A checkpoint on
+disk counts as complete only when every rank's marker is there: one cut short by a crash (a missing
+marker, shard or metadata file) is skipped with a warning when resuming.
 The export gathers the full weights onto rank 0, which alone writes safetensors + config + tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
+import random
 import tempfile
-from typing import Dict, Optional
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import ray.train
+import torch
+
+from orchestrator.errors import UserError
 
 DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint: every rank's ZeRO shards
 EXPORT_DIR = "hf"  # inside the final checkpoint: the consolidated Hugging Face model
+MARKER_DIR = "complete"  # rank_<r>.json per rank, written after everything else of that rank
+RNG_DIR = "rng"  # rank_<r>.pt: Python, NumPy and torch (CPU and CUDA) generator states
 TAG = "zero"
+SHARD_SIZE = "5GB"  # safetensors files of at most this size: easier to download, mmap and serve
 
 
-def save_and_report(engine, step: int, metrics: Dict[str, float], export: Optional[tuple] = None) -> None:
-    """Collective: all ranks call it. `export=(model, tokenizer, strategy, peft config)` adds the
-    consolidated Hugging Face model (and, for adapter strategies, the adapter)."""
+def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Dict[str, Any],
+                    export: Optional[tuple] = None) -> None:
+    """Collective: all ranks call it. `client_state` (step, history) travels with rank 0's shard.
+    `export=(model, tokenizer, strategy, peft config)` adds the consolidated Hugging Face model."""
+    rank, world_size = engine.global_rank, _world_size()
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG, client_state={"step": step})
+        engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG,
+                               client_state={**client_state, "step": step})
         if export is not None:
             export_hf(engine, *export, os.path.join(directory, EXPORT_DIR))
+        os.makedirs(os.path.join(directory, RNG_DIR))
+        torch.save(rng_state(), os.path.join(directory, RNG_DIR, f"rank_{rank}.pt"))
+        # the marker lists this rank's files with their sizes: a copy cut short cannot pass for complete
+        files = {os.path.relpath(os.path.join(root, name), directory): os.path.getsize(os.path.join(root, name))
+                 for root, _, names in os.walk(directory) for name in names}
+        os.makedirs(os.path.join(directory, MARKER_DIR))
+        with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
+            json.dump({"step": step, "world_size": world_size, "rank": rank, "files": files}, handle)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def export_hf(engine, model, tokenizer, strategy: str, peft_config, directory: str) -> None:
@@ -40,7 +87,7 @@ def export_hf(engine, model, tokenizer, strategy: str, peft_config, directory: s
         return
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0 only
     if engine.global_rank == 0:
-        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, max_shard_size=SHARD_SIZE)
         tokenizer.save_pretrained(directory)
 
 
@@ -54,10 +101,90 @@ def gathered(engine, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-def restore(engine, checkpoint: Optional[ray.train.Checkpoint]) -> int:
-    """Load model, optimizer and scheduler state; returns the step to continue from (0 without one)."""
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG)
-    return int(client_state["step"])
+def restore(engine, directory: Optional[str]) -> Dict[str, Any]:
+    """Load model, optimizer, scheduler and this rank's RNG state; returns the client state saved with
+    the checkpoint (its "step" is where to continue), or {} without a checkpoint."""
+    if directory is None:
+        return {}
+    _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG)
+    rng_file = os.path.join(directory, RNG_DIR, f"rank_{engine.global_rank}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming with more workers than saved the checkpoint
+        # our own file: generator states are tuples, arrays and tensors (NumPy's needs the full unpickler)
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+# --- finding a checkpoint to resume from ---------------------------------------------------------------
+
+def storage_root(run) -> str:
+    """Where Ray Train writes a run's checkpoints: <root>/<run name>/checkpoint_*."""
+    return run.cluster.storage_path or os.path.join(run.run_dir, "checkpoints")
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    step: int
+
+
+def checkpoint_info(path: str) -> Optional[CheckpointInfo]:
+    """The checkpoint's step if every rank finished writing it, else None."""
+    markers = sorted(glob.glob(os.path.join(path, MARKER_DIR, "rank_*.json")))
+    if not markers:
+        return None
+    try:
+        contents = [json.load(open(marker, encoding="utf-8")) for marker in markers]
+    except (OSError, ValueError):
+        return None
+    world_size, step = contents[0]["world_size"], contents[0]["step"]
+    ranks = {c["rank"] for c in contents}
+    if ranks != set(range(world_size)) or any(c["step"] != step for c in contents):
+        return None
+    for content in contents:
+        for name, size in content["files"].items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file) or os.path.getsize(file) != size:
+                return None
+    return CheckpointInfo(path, step)
+
+
+def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInfo]:
+    """The complete checkpoint with the highest step under any of `search_dirs` (newest on a tie);
+    incomplete ones are skipped with a warning."""
+    found: List[CheckpointInfo] = []
+    for directory in search_dirs:
+        for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True):
+            if not os.path.isdir(path):
+                continue
+            info = checkpoint_info(path)
+            if info is None:
+                warnings.warn(f"skipping incomplete checkpoint {path} (a rank did not finish writing it)",
+                              stacklevel=2)
+                continue
+            found.append(info)
+    if not found:
+        return None
+    return max(found, key=lambda info: (info.step, os.path.getmtime(info.path)))
+
+
+def resolve_resume(resume: Optional[str], run_dir: str, storage_root: str) -> Optional[CheckpointInfo]:
+    """resume=null → None; resume=auto → the newest complete checkpoint of this experiment (earlier runs
+    of the same name, which share the parent of run_dir, or storage_root); resume=<dir> → that checkpoint,
+    or the newest complete one inside that run directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        runs_of_this_name = os.path.dirname(os.path.abspath(run_dir))
+        return newest_complete_checkpoint([runs_of_this_name, storage_root])
+    if not os.path.isdir(resume):
+        raise UserError(f"resume={resume} does not exist: give a checkpoint or run directory, or resume=auto")
+    if os.path.basename(resume.rstrip("/")).startswith("checkpoint_"):
+        info = checkpoint_info(resume)
+        if info is None:
+            raise UserError(f"resume={resume} is an incomplete checkpoint (a rank did not finish writing it); "
+                            "give an earlier one, or resume=auto to pick the newest complete one")
+        return info
+    info = newest_complete_checkpoint([resume])
+    if info is None:
+        raise UserError(f"resume={resume} holds no complete checkpoint")
+    return info

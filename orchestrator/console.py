@@ -23,12 +23,17 @@ def data_summary(raw) -> None:
     _console.print(line)
 
 
+def note(line: str) -> None:
+    _console.print(line)
+
+
 def final_summary(metrics: Dict, run: RunConfig) -> None:
     table = Table(title=f"{run.name}: validation before and after {run.trainer.max_steps} steps")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    for key in sorted(k.removeprefix("eval/") for k in metrics if k.startswith("eval/")):
+    for key in sorted(k.removeprefix("eval/") for k in metrics
+                      if k.startswith("eval/") and isinstance(metrics[k], (int, float))):
         before = metrics.get(f"eval_before/{key}")
         table.add_row(key, "-" if before is None else f"{before:.4f}", f"{metrics[f'eval/{key}']:.4f}")
     _console.print(table)

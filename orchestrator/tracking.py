@@ -60,6 +60,12 @@ class Tracker:
             sys.stdout.write(f"step {step}/{self.total_steps} {status} elapsed {elapsed:.0f}s\n")
             sys.stdout.flush()
 
+    def note(self, line: str) -> None:
+        """One line on the console (rank 0), e.g. where a resumed run continues."""
+        if self.enabled:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
     def finish(self, summary: Optional[Dict[str, float]] = None) -> None:
         if not self.enabled:
             return

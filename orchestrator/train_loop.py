@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
 import time
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import ray.train
 import ray.train.torch
@@ -20,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
-from orchestrator.checkpoint import restore, save_and_report
+from orchestrator.checkpoint import (checkpoint_info, newest_complete_checkpoint, restore,
+                                     save_and_report, storage_root)
 from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate
@@ -84,11 +87,23 @@ def train_loop(config: Dict[str, Any]) -> None:
     else:  # one worker training adapters: nothing to partition
         engine = PlainEngine(model, optimizer, scheduler, plan.grad_accum, run.optim.grad_clip,
                              torch.bfloat16 if plan.precision == "bf16" else None, device)
-    start_step = restore(engine, ray.train.get_checkpoint() or resume_checkpoint(run))
+    # after a worker failure: the newest complete checkpoint of this run; else resume= (driver-resolved)
+    checkpoint = restart_checkpoint(run)
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(run.resume) as directory:
+        saved = restore(engine, directory)
+    start_step = saved.get("step", 0)
+    history: Dict[str, Any] = saved.get("history") or {"train/loss_history": []}
+    history.setdefault("train/lr_history", [])
+    progress = Progress(os.path.join(run.run_dir, "progress.json"), enabled=rank == 0)
+    if checkpoint is not None:  # a restart inside this run: the steps since that checkpoint run again
+        history["train/restarts"] = history.get("train/restarts", 0) + 1
+        history["train/repeated_steps"] = history.get("train/repeated_steps", 0) + progress.last_step() - start_step
 
     tracker = Tracker(run.logger, rank == 0, run.name, run.run_dir, run.trainer.max_steps, config_dict(run),
                       bar=config.get("progress_bar", True))
-    history: Dict[str, Any] = {"train/loss_history": []}
+    if start_step:
+        tracker.note(f"resumed at step {start_step}" + (f" after {history['train/restarts']} restart(s), "
+                     f"{history['train/repeated_steps']} step(s) repeated" if checkpoint is not None else ""))
     timer = PhaseTimer()
     if start_step == 0:
         with timer("eval_before"):  # inside "command to first step", so timed apart from later evaluations
@@ -97,6 +112,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     history["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
 
     for step in range(start_step, run.trainer.max_steps):
+        inject_fault(config.get("fault"), rank, step + 1)
         started = time.perf_counter()
         timer.start("train")
         batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id)
@@ -122,20 +138,24 @@ def train_loop(config: Dict[str, Any]) -> None:
                    "train/tokens_per_s": global_tokens / (time.perf_counter() - started)}
         timer.stop("train")
         history["train/loss_history"].append(metrics["train/loss"])
+        history["train/lr_history"].append(lr)
         done = step + 1
         if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done < run.trainer.max_steps:
             with timer("eval"):
                 metrics.update(prefixed("eval", evaluate_model(engine, data, run, tokenizer, device)))
         tracker.log(done, metrics)
+        progress.record(done)
         if run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0 and done < run.trainer.max_steps:
-            save_and_report(engine, done, {"step": done, **metrics})
+            save_and_report(engine, done, {"step": done, **metrics}, {"history": history})
 
     with timer("eval"):
-        final_eval = prefixed("eval", evaluate_model(engine, data, run, tokenizer, device))
+        final_eval = prefixed("eval", evaluate_model(engine, data, run, tokenizer, device,
+                                                     with_confusion=task is Task.classification))
     final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds(),
              **peak_gpu_memory(device)}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
-    save_and_report(engine, run.trainer.max_steps, final, export=(model, tokenizer, plan.strategy, run.peft))
+    save_and_report(engine, run.trainer.max_steps, final, {"history": history},
+                    export=(model, tokenizer, plan.strategy, run.peft))
 
 
 class PhaseTimer:
@@ -194,13 +214,51 @@ def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig):
                          num_training_steps=run.trainer.max_steps)
 
 
-def evaluate_model(engine, data, run: RunConfig, tokenizer, device) -> Dict[str, float]:
+def evaluate_model(engine, data, run: RunConfig, tokenizer, device, with_confusion: bool = False) -> Dict[str, Any]:
     return evaluate(engine, data.validation, run.model.task, run.trainer.micro_batch_size,
-                    tokenizer.pad_token_id, device)
+                    tokenizer.pad_token_id, device, with_confusion=with_confusion)
 
 
-def resume_checkpoint(run: RunConfig):
-    return ray.train.Checkpoint(run.resume) if run.resume else None
+def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:
+    """After a worker failure Ray hands back the last checkpoint it registered; one that every rank had
+    finished writing may be newer (registration lags the reports), so take the newer of the two."""
+    registered = ray.train.get_checkpoint()
+    if registered is None:
+        return None
+    on_disk = newest_complete_checkpoint([os.path.join(storage_root(run), run.name)])
+    registered_info = checkpoint_info(registered.path) if os.path.isdir(registered.path) else None
+    if on_disk is not None and (registered_info is None or on_disk.step > registered_info.step):
+        return ray.train.Checkpoint(on_disk.path)
+    return registered
+
+
+class Progress:
+    """The last finished step, in a file beside the run: after a restart it tells how many steps repeat."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def last_step(self) -> int:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return int(json.load(handle)["step"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def record(self, step: int) -> None:
+        if self.enabled:
+            with open(self.path + ".tmp", "w", encoding="utf-8") as handle:
+                json.dump({"step": step, "time": time.time()}, handle)
+            os.replace(self.path + ".tmp", self.path)  # never a half-written file
+
+
+def inject_fault(fault: Optional[Dict[str, Any]], rank: int, step: int) -> None:
+    """Failure drill (ORCHESTRATOR_KILL_WORKER=rank:step on the driver): that worker process kills itself
+    with SIGKILL as it starts that step, once per run, to exercise Ray Train's restart and our resume."""
+    if not fault or rank != fault["rank"] or step != fault["step"] or os.path.exists(fault["marker"]):
+        return
+    open(fault["marker"], "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prefixed(prefix: str, metrics: Dict[str, float]) -> Dict[str, float]:

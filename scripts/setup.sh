@@ -7,7 +7,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import orchestrator, torch, deepspeed, ray, pytest" 2>/dev/null; then
+# (re)install when the venv lacks the packages or pyproject.toml changed since the last install
+STAMP=".venv/.pyproject.sha256"
+if [ "$(sha256sum pyproject.toml)" != "$(cat "$STAMP" 2>/dev/null)" ] || \
+   ! python -c "import orchestrator, torch, deepspeed, ray, pytest" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q "torch>=2.4,<2.15"
@@ -16,4 +19,5 @@ if ! python -c "import orchestrator, torch, deepspeed, ray, pytest" 2>/dev/null;
       --index-url https://download.pytorch.org/whl/cpu
   fi
   python -m pip install -q -e ".[dev]"
+  sha256sum pyproject.toml > "$STAMP"
 fi

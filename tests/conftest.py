@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -11,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("ORCHESTRATOR_CACHE_DIR", tempfile.mkdtemp(prefix="orchestrator-cache-"))  # not ~/.cache
 
 
 def compose_run(overrides: List[str], run_dir: Path):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from orchestrator.config import DataConfig, DataFormat, Task
+from orchestrator.data.cache import cached_encode, tokenizer_fingerprint
 from orchestrator.data.formats import (
     FORMAT_TASK,
     DataReport,
     Example,
+    chat_template_for,
     check_rows,
     detect_format,
     encode_alpaca,
+    encode_chat,
     encode_classification,
+    encode_text,
     label_names,
 )
 from orchestrator.data.readers import Row, read_splits
@@ -28,6 +32,7 @@ class RawData:
     train: List[Row]
     validation: List[Row]
     labels: Optional[List[str]]  # class names for classification
+    config: DataConfig = field(default_factory=DataConfig)  # how to encode them (chat template, cache)
 
 
 @dataclass
@@ -51,14 +56,38 @@ def read_data(cfg: DataConfig, task: Task, seed: int) -> RawData:
     if cfg.max_validation_rows is not None:
         validation = validation[: cfg.max_validation_rows]
     labels = label_names(train, validation) if fmt is DataFormat.classification else None
-    return RawData(fmt, train, validation, labels)
+    return RawData(fmt, train, validation, labels, cfg)
 
 
-def encode_data(raw: RawData, tokenizer, max_length: int) -> Dataset:
-    if raw.format is DataFormat.classification:
-        train, train_report = encode_classification(raw.train, tokenizer, raw.labels, max_length)
-        validation, validation_report = encode_classification(raw.validation, tokenizer, raw.labels, max_length)
-    else:
-        train, train_report = encode_alpaca(raw.train, tokenizer, max_length)
-        validation, validation_report = encode_alpaca(raw.validation, tokenizer, max_length)
+def encode_data(raw: RawData, tokenizer, max_length: Optional[int] = None) -> Dataset:
+    """Tokenize both splits through the on-disk cache (data.cache). Chat data: the template used (the
+    tokenizer's own, or ChatML) is set on the tokenizer, so that an export saved with this tokenizer carries
+    the template it was trained with (vLLM and predict render prompts with it)."""
+    cfg = raw.config
+    max_length = max_length or cfg.max_length
+    settings = {"format": raw.format.value, "max_length": max_length, "labels": raw.labels}
+    if raw.format is DataFormat.chat:
+        template = chat_template_for(tokenizer, cfg.chat_template)
+        tokenizer.chat_template = template
+        settings["chat_template"] = template
+
+    def encoder(rows):
+        if raw.format is DataFormat.classification:
+            return lambda: encode_classification(rows, tokenizer, raw.labels, max_length)
+        if raw.format is DataFormat.chat:
+            return lambda: encode_chat(rows, tokenizer, max_length, settings["chat_template"])
+        if raw.format is DataFormat.text:
+            return lambda: encode_text(rows, tokenizer, max_length)
+        return lambda: encode_alpaca(rows, tokenizer, max_length)
+
+    fingerprint = tokenizer_fingerprint(tokenizer) if cfg.cache else ""
+    train, train_report = cached_encode(raw.train, fingerprint, settings, encoder(raw.train), cfg.cache_dir, cfg.cache)
+    validation, validation_report = cached_encode(raw.validation, fingerprint, settings, encoder(raw.validation),
+                                                  cfg.cache_dir, cfg.cache)
     return Dataset(raw.format, train, validation, raw.labels, train_report, validation_report)
+
+
+def describe_data(data: Dataset) -> str:
+    """The data report printed before training: rows, tokens, truncated and dropped rows, labels."""
+    return "\n".join([f"data report ({data.format.value}):", "  " + data.train_report.describe("train"),
+                      "  " + data.validation_report.describe("validation")])

@@ -1,0 +1,85 @@
+"""Exact resume and surviving a killed worker.
+
+A tiny Llama trains 20 steps on 2 ZeRO-3 workers with a checkpoint every 5 steps. Worker 1 kills itself
+(SIGKILL) as step 12 starts. With trainer.max_failures=1, Ray Train restarts both workers from the step-10
+checkpoint and the run completes by itself; with max_failures=0 the run fails and a second command with
+resume=auto continues it, skipping a newer checkpoint that was cut short. Either way the per-step losses
+equal the uninterrupted run's: model, optimizer, scheduler, RNG and data position are all restored, and
+the fp32 arithmetic is the same, so the tolerance is 1e-6 relative (in practice they are identical).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.__main__ import execute, resume_from
+from tests.conftest import compose_run
+
+pytestmark = pytest.mark.ray
+STEPS, EVERY, KILL_AT = 20, 5, 12
+TOLERANCE = 1e-6
+
+
+def overrides(model_dir, *extra):
+    return ["model=tiny_llama", "data=legal_instructions", f"model.path={model_dir}", "model.init=pretrained",
+            "model.tokenizer_path=null", "logger.mode=disabled", f"trainer.max_steps={STEPS}",
+            f"trainer.checkpoint_every={EVERY}", "trainer.micro_batch_size=2", "cluster.cpu_workers=2",
+            "data.max_length=64", "data.max_validation_rows=4", "optim.lr=3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    run = compose_run(overrides(tiny_llama_dir), tmp_path_factory.mktemp("uninterrupted"))
+    return execute(run)["train/loss_history"]
+
+
+def assert_same_losses(resumed, uninterrupted):
+    assert len(resumed) == STEPS
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=TOLERANCE, atol=0)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_completes_with_the_same_losses(
+        uninterrupted, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_KILL_WORKER", f"1:{KILL_AT}")
+    run = compose_run(overrides(tiny_llama_dir, "trainer.max_failures=1"), tmp_path / "run")
+    metrics = execute(run)
+    assert (tmp_path / "run" / ".fault_injected").exists()  # the worker really was killed
+    assert metrics["train/restarts"] == 1
+    # steps 11 ran before the kill and again after the restart from the step-10 checkpoint
+    assert metrics["train/repeated_steps"] == KILL_AT - 1 - 10
+    print(f"repeated steps after the kill at step {KILL_AT}: {metrics['train/repeated_steps']}")
+    assert_same_losses(metrics["train/loss_history"], uninterrupted)
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_resume_auto_continues_a_failed_run_and_skips_a_truncated_checkpoint(
+        uninterrupted, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_KILL_WORKER", f"1:{KILL_AT}")
+    failed = compose_run(overrides(tiny_llama_dir, "trainer.max_failures=0"), tmp_path / "first")
+    with pytest.raises(Exception):
+        execute(failed)
+    assert not (tmp_path / "first" / "metrics.json").exists() and not (tmp_path / "first" / "export").exists()
+    monkeypatch.delenv("ORCHESTRATOR_KILL_WORKER")
+
+    # a newer checkpoint whose copy was cut short: its marker claims step 15, one shard is truncated
+    complete = sorted((tmp_path / "first" / "checkpoints").glob("*/checkpoint_*"))[-1]
+    truncated = complete.parent / "checkpoint_9999-12-31_23-59-59.000000"
+    shutil.copytree(complete, truncated)
+    for marker in (truncated / "complete").glob("*.json"):
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "step": 15}))
+    shard = next(p for p in (truncated / "deepspeed").rglob("*.pt") if p.stat().st_size > 1000)
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+    resumed = compose_run(overrides(tiny_llama_dir, "resume=auto"), tmp_path / "second")
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint .*checkpoint_9999"):
+        resume_from(resumed)
+    assert Path(resumed.resume) == complete
+    resumed.resume = "auto"
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        metrics = execute(resumed)
+    assert_same_losses(metrics["train/loss_history"], uninterrupted)
