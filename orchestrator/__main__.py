@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from typing import List
+from typing import List, Sequence
 
 import hydra
 import psutil
@@ -21,8 +21,18 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from orchestrator import console
-from orchestrator.config import Launcher, RunConfig, absolute_path, register_schema, to_run_config
+from orchestrator.config import (
+    Launcher,
+    Overlong,
+    RunConfig,
+    absolute_path,
+    config_dict,
+    register_schema,
+    to_run_config,
+)
 from orchestrator.errors import EXIT_USER_ERROR, UserError
+from orchestrator.model_card import write_model_card
+from orchestrator.plots import save_run_plots
 
 register_schema()
 
@@ -32,13 +42,19 @@ def main(cfg: DictConfig) -> None:
     try:
         run = to_run_config(cfg)
         run.run_dir = HydraConfig.get().runtime.output_dir
-        execute(run)
+        execute(run, overrides=list(HydraConfig.get().overrides.task))
     except UserError as err:  # exit here: past this point Hydra prints its own line about the job
         exit_with(str(err))
 
 
-def execute(run: RunConfig) -> dict:
-    """Everything after composition: checks that need files, the plan, and the launch."""
+def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
+    """Everything after composition: checks that need files, the plan, and the launch.
+    overrides: the command line's (launcher=rayjob hands them to the job it renders)."""
+    if run.launcher is Launcher.rayjob:  # planned here from cluster.*, run by a KubeRay RayJob (k8s/README.md)
+        from launch.rayjob import launch_rayjob
+
+        return launch_rayjob(run, overrides)
+
     from launch.local import detect_resources, run_training, start_ray
     from orchestrator.data import read_data
     from orchestrator.model import read_model_config, transformer_count
@@ -49,7 +65,10 @@ def execute(run: RunConfig) -> dict:
     run.model.tokenizer_path = absolute_path(run.model.tokenizer_path, base)
     run.data.path = absolute_path(run.data.path, base)
     run.data.validation_path = absolute_path(run.data.validation_path, base)
-    run.resume = absolute_path(run.resume, base)
+    if run.resume != "auto":
+        run.resume = absolute_path(run.resume, base)
+    if run.data.cache_dir:
+        run.data.cache_dir = os.path.abspath(os.path.expanduser(run.data.cache_dir))
 
     model_config = read_model_config(run.model, shape_only=run.dry_run)  # fails fast on a missing model
     layers = transformer_count(model_config)
@@ -58,6 +77,9 @@ def execute(run: RunConfig) -> dict:
                         f"{layers} layers (use 0..{layers})")
     raw = read_data(run.data, run.model.task, run.trainer.seed)
     console.data_summary(raw)
+    if not run.dry_run:
+        check_encoded(run, raw)
+    resume_from(run)
 
     sizing_only = run.dry_run and run.cluster.gpus is not None
     if not sizing_only and run.launcher is Launcher.local:
@@ -70,15 +92,44 @@ def execute(run: RunConfig) -> dict:
         handle.write(plan.to_json())
     if run.dry_run:
         return {}
-    if run.launcher is Launcher.rayjob:
-        raise UserError("launcher=rayjob is not available yet: run with launcher=local (the default)")
     result = run_training(run, plan)
     metrics = {**result.metrics, "time/command_started_at": psutil.Process().create_time(),
                "time/finished_at": time.time()}
     with open(os.path.join(run.run_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=1)
     console.final_summary(metrics, run)
+    for path in save_run_plots(metrics, raw.labels, run.run_dir):
+        console.note(f"plot: {path}")
+    write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
     return metrics
+
+
+def check_encoded(run: RunConfig, raw) -> None:
+    """Tokenize once on the driver: prints the data report, fills the cache that the workers then read,
+    and stops before any worker starts when rows are too long and data.overlong=fail."""
+    from orchestrator.data import describe_data, encode_data
+    from orchestrator.model import load_tokenizer
+
+    data = encode_data(raw, load_tokenizer(run.model))
+    console.note(describe_data(data))
+    too_long = data.train_report.truncated + data.validation_report.truncated
+    if too_long and run.data.overlong is Overlong.fail:
+        raise UserError(f"data.path={run.data.path}: {data.train_report.truncated} train and "
+                        f"{data.validation_report.truncated} validation rows are longer than data.max_length="
+                        f"{run.data.max_length} tokens; raise data.max_length, or set data.overlong=truncate")
+
+
+def resume_from(run: RunConfig) -> None:
+    """resume=auto / a run directory → the checkpoint directory itself (complete ones only)."""
+    from orchestrator.checkpoint import resolve_resume, storage_root
+
+    requested = run.resume
+    info = resolve_resume(requested, run.run_dir, storage_root(run))
+    run.resume = info.path if info else None
+    if info:
+        console.note(f"resume: from step {info.step}, {info.path}")
+    elif requested:
+        console.note(f"resume={requested}: no complete checkpoint of {run.name} yet; starting at step 0")
 
 
 def describe_config_error(err: BaseException) -> str:

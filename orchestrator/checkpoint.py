@@ -62,15 +62,22 @@ def _world_size() -> int:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Generator states as tensors, numbers and strings only, so that loading needs no unpickling of code."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -109,8 +116,7 @@ def restore(engine, directory: Optional[str]) -> Dict[str, Any]:
     _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG)
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{engine.global_rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with more workers than saved the checkpoint
-        # our own file: generator states are tuples, arrays and tensors (NumPy's needs the full unpickler)
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
 
 

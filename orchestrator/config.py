@@ -9,6 +9,7 @@ The training loop receives the resulting `RunConfig` object and never looks at H
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -33,6 +34,8 @@ class DataFormat(Enum):
     auto = "auto"  # detected from the first row's fields
     classification = "classification"  # {"text", "label"}
     alpaca = "alpaca"  # {"instruction", "input", "output"}
+    chat = "chat"  # {"messages": [{"role", "content"}]} (OpenAI) or {"conversations": [{"from", "value"}]} (ShareGPT)
+    text = "text"  # {"text"} alone: continued pretraining, loss on every token
 
 
 class Strategy(Enum):
@@ -45,6 +48,11 @@ class Strategy(Enum):
     ia3 = "ia3"  # learned rescaling of keys, values and feed-forward activations
     prefix = "prefix"  # prefix tuning: trained key/value prefixes in every layer
     prompt = "prompt"  # prompt tuning: trained soft-prompt embeddings
+
+
+class Overlong(Enum):
+    truncate = "truncate"  # cut rows at data.max_length and count them in the data report
+    fail = "fail"  # stop before training, naming how many rows are too long
 
 
 class Schedule(Enum):
@@ -94,9 +102,13 @@ class DataConfig:
     path: str = "sample:legal_clauses"  # JSONL/CSV file, a directory with train/validation files, or sample:<name>
     validation_path: Optional[str] = None  # default: the directory's validation file, else a split of path
     format: DataFormat = DataFormat.auto
-    max_length: int = 256  # tokens; longer rows are truncated and counted
+    max_length: int = 256  # tokens; longer rows are truncated and counted (see overlong)
+    overlong: Overlong = Overlong.truncate  # what to do with rows longer than max_length
     validation_fraction: float = 0.1  # share of rows held out when there is no validation file
     max_validation_rows: Optional[int] = None  # evaluate on the first N validation rows (None = all)
+    chat_template: str = "auto"  # chat rows: "auto" (the tokenizer's own template, else chatml), "chatml", or Jinja
+    cache: bool = True  # keep tokenized data on disk, keyed by content + tokenizer + settings; reruns skip tokenizing
+    cache_dir: Optional[str] = None  # None = $ORCHESTRATOR_CACHE_DIR, else ~/.cache/orchestrator/tokenized
 
 
 @dataclass
@@ -121,6 +133,7 @@ class TrainerConfig:
     eval_every: int = 0  # steps between evaluations (0 = only before and after training)
     checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # newest K checkpoints kept
+    max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
     seed: int = 42
     precision: Precision = Precision.auto
 
@@ -156,6 +169,37 @@ class LoggerConfig:
 
 
 @dataclass
+class KubeConfig:
+    """launcher=rayjob: the KubeRay RayJob that runs this config on Kubernetes (k8s/README.md).
+    Secrets are never values here: only the names of Kubernetes Secrets that the pods reference."""
+
+    namespace: str = "default"  # where the RayJob, its RayCluster and its pods live
+    job_name: Optional[str] = None  # RayJob name (DNS-1035, <= 47 chars); None = <name>-<MMDD-HHMMSS>-<4 hex>
+    context: Optional[str] = None  # kubeconfig context; None = the current one (inside a pod: in-cluster auth)
+    image: str = "orchestrator:0.1.0"  # image with orchestrator installed (k8s/Dockerfile), the same Ray version
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str = "orchestrator"  # the Ray pods' service account (k8s/base/rbac.yaml)
+    node_pool: Optional[str] = None  # an overlay in k8s/overlays/ (a100, h100): node selector, tolerations, sizes
+    wandb_secret: Optional[str] = "orchestrator-secrets"  # Secret holding key WANDB_API_KEY (null = none)
+    hf_secret: Optional[str] = "orchestrator-secrets"  # Secret holding key HF_TOKEN (null = none)
+    pvc: Optional[str] = "orchestrator-runs"  # ReadWriteMany claim on every pod: run dirs, checkpoints, HF cache
+    mount_path: str = "/mnt/runs"  # where the claim is mounted; run dirs are <mount_path>/<name>/<job name>
+    storage_uri: Optional[str] = None  # checkpoints in an object store (s3://, gs://) instead of the claim
+    shutdown_after_job_finishes: bool = True  # delete the RayCluster when the job ends
+    ttl_seconds_after_finished: int = 600  # seconds the finished cluster is kept before that (needs the above)
+    backoff_limit: int = 0  # retries of the whole job, each on a new RayCluster
+    active_deadline_seconds: Optional[int] = None  # seconds before KubeRay fails the job; null = no limit
+    head_cpu: str = "4"  # head pod (driver, Ray Train controller; no training): Kubernetes quantities
+    head_memory: str = "16Gi"
+    worker_cpu: Optional[str] = None  # per worker pod; null = the node pool's, else 8
+    worker_memory: Optional[str] = None  # per worker pod; null = the node pool's, else 64Gi
+    shm_size: Optional[str] = None  # memory-backed /dev/shm per pod (NCCL, Ray objects); null = the pool's, else 16Gi
+    env: Dict[str, str] = field(default_factory=dict)  # extra environment of the job, never secrets
+    follow: bool = True  # after submitting: print status and the driver's logs until the job ends
+    poll_seconds: float = 5.0  # seconds between status reads while following
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,10 +208,11 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    k8s: KubeConfig = field(default_factory=KubeConfig)  # launcher=rayjob only
     strategy: Strategy = Strategy.auto
     launcher: Launcher = Launcher.local
     dry_run: bool = False  # print the plan and stop
-    resume: Optional[str] = None  # a checkpoint directory (or a run directory: its newest checkpoint)
+    resume: Optional[str] = None  # "auto" (newest complete checkpoint of this name), a checkpoint or run dir
     name: str = "run"  # experiment name: W&B run name and the run directory's parent
     run_dir: str = "."  # set by the CLI to Hydra's output directory; the export goes to <run_dir>/export
 
@@ -206,6 +251,7 @@ def validate(run: RunConfig) -> None:
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0 (0 = before and after only)")
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a number in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
@@ -215,6 +261,8 @@ def validate(run: RunConfig) -> None:
            "an integer from 0 to the model's number of layers")
     _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8 (tokens)")
     _check(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "a number in (0, 1)")
+    _check(d.chat_template in ("auto", "chatml") or "{{" in d.chat_template, "data.chat_template", d.chat_template,
+           "auto, chatml, or a Jinja chat template (a string with {{ ... }})")
     _check(p.rank >= 1, "peft.rank", p.rank, "an integer >= 1")
     _check(0 <= p.dropout < 1, "peft.dropout", p.dropout, "a number in [0, 1)")
     _check(p.alpha >= 1, "peft.alpha", p.alpha, "an integer >= 1")
@@ -224,11 +272,47 @@ def validate(run: RunConfig) -> None:
            "an integer >= 0 (GPUs per node), or null to read them from Ray")
     _check(run.cluster.nodes is None or run.cluster.nodes >= 1, "cluster.nodes", run.cluster.nodes,
            "an integer >= 1, or null")
+    validate_k8s(run.k8s)
     if m.task is Task.causal_lm:
         _check(not o.balanced_sampling, "optim.balanced_sampling", o.balanced_sampling,
                "false for model.task=causal_lm (it applies to classification)")
         _check(o.class_weighting is ClassWeighting.none, "optim.class_weighting", o.class_weighting.value,
                "none for model.task=causal_lm (it applies to classification)")
+
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")  # a Kubernetes quantity
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # DNS-1035: what KubeRay requires of a RayJob name
+
+
+def validate_k8s(k: KubeConfig) -> None:
+    """launcher=rayjob settings (checked always: they are part of every composed config)."""
+    _check(bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", k.namespace)) and len(k.namespace) <= 63,
+           "k8s.namespace", k.namespace, "a Kubernetes namespace name (lowercase letters, digits, '-')")
+    _check(k.job_name is None or (bool(_DNS_LABEL.match(k.job_name)) and len(k.job_name) <= 47), "k8s.job_name",
+           k.job_name, "null, or lowercase letters, digits and '-', starting with a letter, at most 47 characters")
+    _check(k.ttl_seconds_after_finished >= 0, "k8s.ttl_seconds_after_finished", k.ttl_seconds_after_finished,
+           "an integer >= 0 (seconds)")
+    _check(k.shutdown_after_job_finishes or k.ttl_seconds_after_finished == 0, "k8s.ttl_seconds_after_finished",
+           k.ttl_seconds_after_finished, "0 when k8s.shutdown_after_job_finishes=false (KubeRay rejects it)")
+    _check(k.backoff_limit >= 0, "k8s.backoff_limit", k.backoff_limit, "an integer >= 0")
+    _check(k.active_deadline_seconds is None or k.active_deadline_seconds >= 1, "k8s.active_deadline_seconds",
+           k.active_deadline_seconds, "an integer >= 1 (seconds), or null for no limit")
+    _check(k.poll_seconds > 0, "k8s.poll_seconds", k.poll_seconds, "a number > 0 (seconds)")
+    _check(bool(k.image.strip()), "k8s.image", k.image, "a container image reference")
+    _check(k.image_pull_policy in ("Always", "IfNotPresent", "Never"), "k8s.image_pull_policy",
+           k.image_pull_policy, "Always, IfNotPresent or Never")
+    _check(k.pvc is not None or k.storage_uri is not None, "k8s.pvc", k.pvc,
+           "a PersistentVolumeClaim name unless k8s.storage_uri is set: checkpoints need storage every pod sees")
+    _check(k.mount_path.startswith("/"), "k8s.mount_path", k.mount_path, "an absolute path")
+    for key in ("head_cpu", "head_memory", "worker_cpu", "worker_memory", "shm_size"):
+        value = getattr(k, key)
+        _check(value is None or bool(_QUANTITY.match(str(value))), f"k8s.{key}", value,
+               "a Kubernetes quantity such as 8, 500m, 64Gi")
+    for name in k.env:
+        _check(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)), f"k8s.env.{name}", "...",
+               "an environment variable name")
+        _check(not re.search(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", name.upper()), f"k8s.env.{name}", "...",
+               "no secrets in k8s.env: put them in a Kubernetes Secret (k8s/README.md, Secrets)")
 
 
 def absolute_path(path: Optional[str], base: str) -> Optional[str]:

@@ -67,7 +67,7 @@ def test_resume_auto_continues_a_failed_run_and_skips_a_truncated_checkpoint(
     monkeypatch.delenv("ORCHESTRATOR_KILL_WORKER")
 
     # a newer checkpoint whose copy was cut short: its marker claims step 15, one shard is truncated
-    complete = sorted((tmp_path / "first" / "checkpoints").glob("*/checkpoint_*"))[-1]
+    complete = sorted(p for p in (tmp_path / "first" / "checkpoints").glob("*/checkpoint_*") if p.is_dir())[-1]
     truncated = complete.parent / "checkpoint_9999-12-31_23-59-59.000000"
     shutil.copytree(complete, truncated)
     for marker in (truncated / "complete").glob("*.json"):

@@ -26,9 +26,11 @@ GOOD2 = '{"text": "Disputes go to arbitration.", "label": "arbitration"}'
 # (case id, overrides, files written into the data directory (data.path points at it), message start)
 CASES = [
     ("unknown key", ["model.foo=1"], None, "model.foo: no such key; allowed keys here: allow_download"),
-    ("misspelt key", ["trainer.max_step=3"], None, "trainer.max_step: no such key; allowed keys here: checkpoint_every"),
+    ("misspelt key", ["trainer.max_step=3"], None,
+     "trainer.max_step: no such key; allowed keys here: checkpoint_every"),
     ("wrong type", ["trainer.max_steps=abc"], None, "trainer.max_steps=abc is not allowed: expected integer"),
-    ("bad enum", ["logger.mode=loud"], None, "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
+    ("bad enum", ["logger.mode=loud"], None,
+     "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
     ("unknown strategy", ["strategy=bogus"], None, "strategy=bogus is not allowed: available options: auto, dora"),
     ("unknown experiment", ["+experiment=nope"], None, "experiment=nope is not allowed: available options: legal_demo"),
     ("zero steps", ["trainer.max_steps=0"], None, "trainer.max_steps=0 is not allowed: an integer >= 1"),
@@ -63,7 +65,8 @@ CASES = [
      jsonl(GOOD, GOOD2, GOOD, GOOD2), "data.path={data}: 1 train and 1 validation rows are longer than "
      "data.max_length=8 tokens; raise data.max_length, or set data.overlong=truncate"),
     ("too few rows", [], jsonl(GOOD), "data.path={data}: 1 rows are too few to hold out a validation split"),
-    ("unknown fields", ["data.format=auto"], jsonl('{"question": "q", "answer": "a"}', '{"question": "r", "answer": "b"}'),
+    ("unknown fields", ["data.format=auto"],
+     jsonl('{"question": "q", "answer": "a"}', '{"question": "r", "answer": "b"}'),
      "{data}/train.jsonl:1: cannot tell the data format from fields ['answer', 'question']"),
 ]
 

@@ -1,0 +1,493 @@
+"""launcher=rayjob: the rendered RayJob is valid for the KubeRay v1 CRD, carries the plan and the user's overrides,
+matches k8s/base and the overlays, holds no secret; the Kubernetes client calls (create, poll, logs, delete)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import yaml
+
+from launch import k8s_submit, rayjob
+from orchestrator.config import config_dict
+from orchestrator.errors import UserError
+from tests.conftest import ROOT, compose_run
+
+CRD = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+SIZED = ["cluster.nodes=2", "cluster.gpus=8", "cluster.gpu_memory_gb=80"]
+POOLS = sorted(p.parent.name for p in (ROOT / "k8s" / "overlays").glob("*/rayjob-patch.yaml"))
+
+
+# ---------------------------------------------------------------- validation: the CRD's schema + KubeRay's own rules
+
+def strict(schema):
+    """The CRD schema, with unknown fields rejected (as `kubectl apply --validate=strict` does)."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(item) for item in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def validator():
+    if not CRD.is_file():
+        pytest.skip(f"the KubeRay RayJob CRD is not at {CRD} (shared/kuberay/ beside the repository)")
+    import jsonschema
+
+    crd = yaml.load(CRD.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(strict(schema))
+
+
+def kuberay_rules(job: dict) -> list:
+    """What KubeRay's validation adds to the schema (ValidateRayJobMetadata / ValidateRayJobSpec)."""
+    name, spec = job["metadata"]["name"], job["spec"]
+    problems = []
+    if len(name) > 47 or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        problems.append(f"name {name!r}: a DNS-1035 label of at most 47 characters")
+    if spec.get("ttlSecondsAfterFinished", 0) < 0 or (
+            not spec.get("shutdownAfterJobFinishes") and spec.get("ttlSecondsAfterFinished", 0) > 0):
+        problems.append("ttlSecondsAfterFinished")
+    if spec.get("activeDeadlineSeconds") is not None and spec["activeDeadlineSeconds"] <= 0:
+        problems.append("activeDeadlineSeconds")
+    if spec.get("backoffLimit", 0) < 0:
+        problems.append("backoffLimit")
+    env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.get("env_vars", {}).values()):
+        problems.append("runtimeEnvYAML: a mapping with string env_vars")
+    if spec.get("submissionMode") != "K8sJobMode" or not spec.get("entrypoint"):
+        problems.append("K8sJobMode needs an entrypoint")
+    cluster = spec["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        if not group["template"]["spec"].get("containers"):
+            problems.append("every group needs a container")
+    return problems
+
+
+def assert_valid(job: dict, validator) -> None:
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
+    assert not errors, "\n".join(errors)
+    assert not kuberay_rules(job)
+
+
+def test_the_validator_catches_unknown_fields_and_bad_values(tmp_path, validator):
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED], tmp_path)
+    worker_group(job)["replica"] = 2  # a typo
+    worker(job)["resources"]["limits"]["nvidia.com/gpu"] = "8 GPUs"
+    job["spec"]["backoffLimit"] = "0"
+    errors = {e.message for e in validator.iter_errors(job)}
+    assert any("'replica' was unexpected" in e for e in errors)
+    assert any("'8 GPUs' does not match" in e for e in errors)
+    assert any("'0' is not of type 'integer'" in e for e in errors)
+    job["spec"]["backoffLimit"] = 0
+    job["metadata"]["name"] = "x" * 48
+    assert kuberay_rules(job)
+
+
+# ---------------------------------------------------------------- rendering
+
+def rendered(overrides, tmp_path, name="test-job"):
+    overrides = [*overrides, "launcher=rayjob"]
+    run = compose_run(overrides, tmp_path)
+    plan, resources = rayjob.plan_for_cluster(run)
+    return rayjob.render(run, plan, resources, overrides, name), plan, run
+
+
+def worker_group(job):
+    return job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+
+
+def worker(job):
+    return worker_group(job)["template"]["spec"]["containers"][0]
+
+
+CASES = {
+    "legal_full_2x8": (["+experiment=legal_full", *SIZED], "full", 2, 8),
+    "legal_full_h100": (["+experiment=legal_full", *SIZED, "k8s.node_pool=h100"], "full", 2, 8),
+    "legal_full_one_gpu": (["+experiment=legal_full", "cluster.gpus=1", "cluster.gpu_memory_gb=80"], "lora", 1, 1),
+    "lora_4_gpus_a100": (["+experiment=legal_full", "strategy=lora", "peft.rank=8", "cluster.gpus=4",
+                          "cluster.gpu_memory_gb=80", "k8s.node_pool=a100"], "lora", 1, 4),
+    "legal_demo_cpu": (["+experiment=legal_demo", "cluster.gpus=0"], "full", 2, 0),
+    "object_store": (["+experiment=legal_full", *SIZED, "k8s.pvc=null", "k8s.storage_uri=s3://bucket/runs",
+                      "k8s.active_deadline_seconds=86400", "k8s.shutdown_after_job_finishes=false",
+                      "k8s.ttl_seconds_after_finished=0", "k8s.backoff_limit=2", "k8s.worker_cpu=64",
+                      "k8s.worker_memory=512Gi", "k8s.shm_size=64Gi", "k8s.namespace=ml"], "full", 2, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rendered_rayjob_is_valid_and_sized_by_the_plan(case, tmp_path, validator):
+    overrides, strategy, pods, gpus = CASES[case]
+    job, plan, run = rendered(overrides, tmp_path)
+    assert_valid(job, validator)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert plan.strategy == strategy and job["metadata"]["labels"]["orchestrator/strategy"] == strategy
+    group = worker_group(job)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+    assert worker(job)["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
+    assert pods * max(gpus, 1) == plan.num_workers
+    assert group["groupName"] == ("gpu" if gpus else "cpu")
+    spec = job["spec"]
+    k = run.k8s
+    assert spec["shutdownAfterJobFinishes"] is k.shutdown_after_job_finishes
+    assert spec["ttlSecondsAfterFinished"] == k.ttl_seconds_after_finished
+    assert spec["backoffLimit"] == k.backoff_limit
+    assert spec.get("activeDeadlineSeconds") == k.active_deadline_seconds
+    assert job["metadata"]["namespace"] == k.namespace
+    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing trains there
+
+
+def test_entrypoint_is_the_same_command_inside_the_cluster(tmp_path):
+    overrides = ["+experiment=legal_full", *SIZED, "optim.lr=2e-5", "peft.target_modules=[q_proj,v_proj]",
+                 "k8s.node_pool=h100", "dry_run=true", "cluster.address=ray://elsewhere:10001"]
+    job, plan, run = rendered(overrides, tmp_path)
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "orchestrator"]
+    args = words[3:]
+    assert {"+experiment=legal_full", "optim.lr=2e-5", "peft.target_modules=[q_proj,v_proj]"} <= set(args)
+    assert not [a for a in args if a.startswith(("launcher=", "dry_run=", "k8s.", "cluster.address=ray"))]
+    assert "cluster.address=auto" in args
+    assert "hydra.run.dir=/mnt/runs/legal_full/test-job" in args
+
+    # composed again from the entrypoint (as the pod does), the config and the plan are the same
+    inner = compose_run([a for a in args if not a.startswith("hydra.")], tmp_path / "inner")
+    outer_config, inner_config = config_dict(run), config_dict(inner)
+    for key in ("launcher", "dry_run", "k8s", "run_dir"):
+        outer_config.pop(key), inner_config.pop(key)
+    outer_config["cluster"]["address"] = "auto"
+    assert inner_config == outer_config
+    inner_plan, _ = rayjob.plan_for_cluster(inner)
+    assert inner_plan == plan
+
+
+def test_runtime_env_and_storage(tmp_path):
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED, "+k8s.env.NCCL_DEBUG=INFO"], tmp_path)
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["NCCL_DEBUG"] == "INFO" and env["HF_HOME"] == "/mnt/runs/hf-cache"
+    for pod in pods(job):
+        claim = next(v for v in pod["volumes"] if v["name"] == "runs")
+        assert claim["persistentVolumeClaim"]["claimName"] == "orchestrator-runs"
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED, "k8s.pvc=null", "k8s.storage_uri=gs://b/ckpt"], tmp_path)
+    assert "cluster.storage_path=gs://b/ckpt" in shlex.split(job["spec"]["entrypoint"])
+    assert all(v["name"] != "runs" for pod in pods(job) for v in pod["volumes"])
+
+
+def pods(job):
+    cluster = job["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"], worker_group(job)["template"]["spec"]]
+
+
+def test_secrets_are_referenced_never_included(tmp_path):
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED, "k8s.wandb_secret=team-wandb", "k8s.hf_secret=null"],
+                         tmp_path)
+    for pod in pods(job):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "team-wandb", "key": "WANDB_API_KEY", "optional": True}}}
+        assert "HF_TOKEN" not in env
+        assert all("value" not in e for e in env.values())
+
+
+def test_node_pool_sets_selector_tolerations_and_sizes(tmp_path):
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED, "k8s.node_pool=a100", "k8s.worker_memory=900Gi"], tmp_path)
+    pod = worker_group(job)["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    resources = worker(job)["resources"]
+    assert resources["limits"]["cpu"] == resources["requests"]["cpu"] == "88"  # the pool's
+    assert resources["limits"]["memory"] == "900Gi"  # what the user said wins over the pool
+    with pytest.raises(UserError, match=r"k8s.node_pool=tpu is not allowed: available: a100, h100"):
+        rendered(["+experiment=legal_full", *SIZED, "k8s.node_pool=tpu"], tmp_path)
+
+
+def test_rayjob_needs_the_cluster_size(tmp_path):
+    with pytest.raises(UserError, match=r"launcher=rayjob plans for the Kubernetes cluster, not this machine: set "
+                                        r"cluster.gpus"):
+        rendered(["+experiment=legal_full"], tmp_path)
+    with pytest.raises(UserError, match=r"cluster.gpu_memory_gb"):
+        rendered(["+experiment=legal_full", "cluster.gpus=8"], tmp_path)
+
+
+def test_job_names_are_dns_labels_within_kuberay_limit():
+    name = rayjob.job_name("2024_Legal Full!!-" + "x" * 80, now=0, suffix="beef")
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and name.endswith("-beef")
+    assert rayjob.job_name("legal_full", suffix="0a0a").startswith("legal-full-")
+    assert rayjob.job_name("legal_full") != rayjob.job_name("legal_full")
+
+
+BAD_K8S = [
+    ("k8s.ttl_seconds_after_finished=-1", "k8s.ttl_seconds_after_finished=-1 is not allowed"),
+    ("k8s.shutdown_after_job_finishes=false", "k8s.ttl_seconds_after_finished=600 is not allowed: 0 when"),
+    ("k8s.active_deadline_seconds=0", "k8s.active_deadline_seconds=0 is not allowed"),
+    ("k8s.backoff_limit=-1", "k8s.backoff_limit=-1 is not allowed"),
+    ("k8s.job_name=Legal_Full", "k8s.job_name='Legal_Full' is not allowed"),
+    ("k8s.head_cpu=lots", "k8s.head_cpu='lots' is not allowed: a Kubernetes quantity"),
+    ("k8s.namespace=ML", "k8s.namespace='ML' is not allowed"),
+    ("k8s.pvc=null", "k8s.pvc=None is not allowed"),
+    ("+k8s.env.WANDB_API_KEY=sk-x", "k8s.env.WANDB_API_KEY='...' is not allowed: no secrets in k8s.env"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_K8S, ids=[b[0] for b in BAD_K8S])
+def test_k8s_settings_are_validated(override, message, tmp_path):
+    with pytest.raises(UserError) as err:
+        compose_run([override], tmp_path)
+    assert str(err.value).startswith(message)
+    assert "sk-x" not in str(err.value)
+
+
+# ---------------------------------------------------------------- k8s/: the base, the overlays, the renderer agree
+
+BASE_OVERRIDES = ["+experiment=legal_full", "model.allow_download=true", "cluster.nodes=1", "cluster.gpus=8",
+                  "cluster.gpu_memory_gb=80", "k8s.job_name=legal-full", "dry_run=true"]
+
+
+def base_docs():
+    return list(yaml.safe_load_all((ROOT / "k8s" / "base" / "rayjob.yaml").read_text()))
+
+
+def test_base_is_what_the_renderer_makes_from_the_defaults(tmp_path, validator):
+    (base,) = base_docs()
+    assert_valid(base, validator)
+    job, _, _ = rendered(BASE_OVERRIDES, tmp_path, name="legal-full")
+    del job["metadata"]["namespace"]
+    job["spec"]["rayClusterSpec"]["rayVersion"] = base["spec"]["rayClusterSpec"]["rayVersion"]  # the Ray installed
+    assert job == base, "k8s/base/rayjob.yaml and launch/rayjob.py (or KubeConfig's defaults) disagree"
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_overlays_patch_the_base_into_valid_rayjobs(pool, validator):
+    (base,) = base_docs()
+    patched = copy.deepcopy(base)
+    rayjob.apply_patch(patched, rayjob.node_pool_patch(pool), pool)
+    assert_valid(patched, validator)
+    assert patched != base and "nodeSelector" in worker_group(patched)["template"]["spec"]
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the overlay was checked with the renderer's patching only")
+    result = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / pool)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(result.stdout)}
+    assert {"RayJob", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim"} <= set(docs)
+    assert docs["RayJob"] == patched  # kustomize and the renderer apply the patch the same way
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_cli_dry_run_prints_the_manifest_and_no_secret(tmp_path):
+    planted = {"WANDB_API_KEY": "sk-planted-XYZ", "HF_TOKEN": "hf_planted_ABC"}
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "+experiment=legal_full", "launcher=rayjob", "dry_run=true", *SIZED,
+         "k8s.node_pool=h100", "k8s.wandb_secret=my-wandb", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, **planted})
+    assert result.returncode == 0, result.stderr
+    manifest = yaml.safe_load(result.stdout)  # stdout is the manifest alone (the plan went to stderr)
+    assert manifest == yaml.safe_load((run_dir / "rayjob.yaml").read_text())
+    assert "strategy=full" in result.stderr
+    assert json.loads((run_dir / "plan.json").read_text())["num_workers"] == 16
+    assert "launcher=rayjob" not in manifest["spec"]["entrypoint"]
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for pod in pods(manifest) for e in pod["containers"][0]["env"]]
+    assert "my-wandb" in refs
+    texts = [result.stdout, result.stderr] + [p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file()]
+    for secret in planted.values():
+        assert all(secret not in text for text in texts)
+
+
+# ---------------------------------------------------------------- the Kubernetes client calls, with mocks
+
+class ApiException(Exception):
+    """What kubernetes.client raises: an HTTP status, a reason and the response body."""
+
+    def __init__(self, status, reason="", body=""):
+        super().__init__(f"({status}) {reason}")
+        self.status, self.reason, self.body = status, reason, body
+
+
+def api_exception(status, reason="", body=""):
+    return ApiException(status, reason, body)
+
+
+class LogStream:
+    def __init__(self, *chunks):
+        self.chunks, self.released = chunks, False
+
+    def stream(self, amount):
+        yield from self.chunks
+
+    def release_conn(self):
+        self.released = True
+
+
+def pod(name, phase):
+    return SimpleNamespace(metadata=SimpleNamespace(name=name, creation_timestamp="2026-01-01T00:00:00Z"),
+                           status=SimpleNamespace(phase=phase))
+
+
+def fake_kube(statuses, pod_lists=(), log=None):
+    custom, core = mock.MagicMock(), mock.MagicMock()
+    custom.create_namespaced_custom_object.side_effect = lambda g, v, ns, pl, body: body
+    custom.get_namespaced_custom_object.side_effect = [
+        s if isinstance(s, BaseException) else {"status": s} for s in statuses]
+    pod_lists = list(pod_lists) or [[]]
+    core.list_namespaced_pod.side_effect = lambda ns, label_selector: SimpleNamespace(
+        items=pod_lists.pop(0) if len(pod_lists) > 1 else pod_lists[0])
+    core.read_namespaced_pod_log.return_value = log or LogStream()
+    return k8s_submit.Kube(custom=custom, core=core)
+
+
+def manifest(name="job-1", namespace="ml"):
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"entrypoint": "python -m orchestrator"}}
+
+
+def kube_config(**kw):
+    from orchestrator.config import KubeConfig
+
+    return KubeConfig(**{"poll_seconds": 0.01, **kw})
+
+
+def test_submit_creates_follows_to_success_and_streams_the_driver_log():
+    log = LogStream(b"step 1/2 loss 2.1\n", b"step 2/2 loss 1.9\nexport: /mnt/runs/x/export\n")
+    kube = fake_kube(
+        statuses=[{}, {"jobDeploymentStatus": "Initializing"},
+                  {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                  {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                  {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "message": "Job finished"}],
+        pod_lists=[[], [], [pod("job-1-abcde", "Pending")], [pod("job-1-abcde", "Running")]], log=log)
+    out = io.StringIO()
+    result = k8s_submit.submit(manifest(), kube_config(), kube=kube, out=out, sleep=lambda s: None)
+
+    assert result == {"rayjob": "job-1", "namespace": "ml", "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    kube.custom.create_namespaced_custom_object.assert_called_once_with("ray.io", "v1", "ml", "rayjobs", manifest())
+    kube.custom.get_namespaced_custom_object.assert_called_with("ray.io", "v1", "ml", "rayjobs", "job-1")
+    kube.core.list_namespaced_pod.assert_called_with("ml", label_selector="job-name=job-1")
+    kube.core.read_namespaced_pod_log.assert_called_once_with("job-1-abcde", "ml", follow=True,
+                                                              _preload_content=False)
+    assert log.released
+    text = out.getvalue()
+    lines = [line for line in text.splitlines() if line.startswith("[rayjob/job-1]")]
+    assert lines == ["[rayjob/job-1] deployment New, job -", "[rayjob/job-1] deployment Initializing, job -",
+                     "[rayjob/job-1] deployment Running, job RUNNING",
+                     "[rayjob/job-1] deployment Complete, job SUCCEEDED (Job finished)"]
+    assert "step 2/2 loss 1.9" in text and "python -m launch.k8s_submit delete job-1 -n ml" in text
+
+
+def test_a_failed_job_ends_the_command_with_its_reason():
+    kube = fake_kube([{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+                       "message": "exit code 1"}])
+    with pytest.raises(UserError, match=r"rayjob/job-1 ended Failed, job FAILED: AppFailed; exit code 1 "
+                                        r"\(logs: kubectl logs -n ml job/job-1\)"):
+        k8s_submit.submit(manifest(), kube_config(), kube=kube, out=io.StringIO(), sleep=lambda s: None)
+    kube = fake_kube([{"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}])
+    with pytest.raises(UserError, match=r"job never ran: DeadlineExceeded"):
+        k8s_submit.submit(manifest(), kube_config(), kube=kube, out=io.StringIO(), sleep=lambda s: None)
+
+
+def test_ctrl_c_while_following_deletes_the_rayjob():
+    kube = fake_kube([{"jobDeploymentStatus": "Running"}, KeyboardInterrupt()])
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as exit_:
+        k8s_submit.submit(manifest(), kube_config(), kube=kube, out=out, sleep=lambda s: None)
+    assert exit_.value.code == 130
+    kube.custom.delete_namespaced_custom_object.assert_called_once_with(
+        "ray.io", "v1", "ml", "rayjobs", "job-1", propagation_policy="Background")
+    assert "deleted rayjob/job-1" in out.getvalue()
+
+
+def test_without_follow_the_command_returns_after_creating():
+    kube = fake_kube([])
+    result = k8s_submit.submit(manifest(), kube_config(follow=False), kube=kube, out=io.StringIO())
+    assert result == {"rayjob": "job-1", "namespace": "ml"}
+    kube.custom.get_namespaced_custom_object.assert_not_called()
+
+
+@pytest.mark.parametrize("status,message", [
+    (409, "already exists: set another k8s.job_name"), (404, "is the KubeRay operator installed"),
+    (403, "forbidden"), (422, "rejected the manifest: spec.entrypoint: Required value")])
+def test_create_errors_say_what_to_do(status, message):
+    kube = fake_kube([])
+    kube.custom.create_namespaced_custom_object.side_effect = api_exception(
+        status, body="spec.entrypoint: Required value" if status == 422 else "")
+    with pytest.raises(UserError, match=r"creating rayjob/job-1 in namespace ml failed: .*" + re.escape(message)):
+        k8s_submit.create(kube, manifest())
+
+
+def test_following_survives_transient_errors_and_notices_deletion():
+    kube = fake_kube([api_exception(500), api_exception(503), {"jobDeploymentStatus": "Complete",
+                                                               "jobStatus": "SUCCEEDED"}])
+    status = k8s_submit.follow(kube, "ml", "job-1", io.StringIO(), 0, sleep=lambda s: None)
+    assert status["jobStatus"] == "SUCCEEDED"
+    kube = fake_kube([{"jobDeploymentStatus": "Running"}, api_exception(404)])
+    with pytest.raises(UserError, match="no longer exists"):
+        k8s_submit.follow(kube, "ml", "job-1", io.StringIO(), 0, sleep=lambda s: None)
+    kube = fake_kube([api_exception(500)] * k8s_submit.MAX_API_FAILURES)
+    with pytest.raises(UserError, match="reading rayjob/job-1 failed: 500"):
+        k8s_submit.follow(kube, "ml", "job-1", io.StringIO(), 0, sleep=lambda s: None)
+
+
+def test_cli_follow_and_delete(capsys):
+    kube = fake_kube([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    assert k8s_submit.main(["follow", "job-1", "-n", "ml"], kube=kube) == 0
+    assert k8s_submit.main(["delete", "job-1", "-n", "ml"], kube=kube) == 0
+    kube.custom.delete_namespaced_custom_object.assert_called_once_with(
+        "ray.io", "v1", "ml", "rayjobs", "job-1", propagation_policy="Background")
+    kube.custom.delete_namespaced_custom_object.side_effect = api_exception(404)
+    assert k8s_submit.main(["delete", "job-1"], kube=kube) == 0  # already gone
+    kube = fake_kube([{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED"}])
+    assert k8s_submit.main(["follow", "job-1"], kube=kube) == 2
+    assert "error: rayjob/job-1 ended Failed" in capsys.readouterr().err
+
+
+def test_connect_uses_the_pods_account_in_cluster_else_the_kubeconfig(monkeypatch):
+    config = pytest.importorskip("kubernetes.config", reason="the kubernetes client is not installed")
+
+    calls = []
+    monkeypatch.setattr(config, "load_incluster_config", lambda: calls.append("in-cluster"))
+    monkeypatch.setattr(config, "load_kube_config", lambda context=None: calls.append(f"kubeconfig:{context}"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    k8s_submit.connect()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    k8s_submit.connect("prod")
+    assert calls == ["in-cluster", "kubeconfig:prod"]
+
+    def missing(context=None):
+        raise config.ConfigException("Invalid kube-config file. No configuration found.")
+
+    monkeypatch.setattr(config, "load_kube_config", missing)
+    with pytest.raises(UserError, match="no Kubernetes credentials: Invalid kube-config file"):
+        k8s_submit.connect()
+
+
+def test_launcher_rayjob_submits_the_rendered_manifest(tmp_path, monkeypatch):
+    from orchestrator.__main__ import execute
+
+    kube = fake_kube([{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    monkeypatch.setattr(k8s_submit, "connect", lambda context=None: kube)
+    overrides = ["+experiment=legal_demo", "cluster.gpus=0", "launcher=rayjob", "k8s.namespace=ml",
+                 "k8s.job_name=demo-1", "k8s.poll_seconds=0.01"]
+    result = execute(compose_run(overrides, tmp_path), overrides)
+    assert result["jobStatus"] == "SUCCEEDED"
+    body = kube.custom.create_namespaced_custom_object.call_args.args[4]
+    assert body["metadata"] == {**body["metadata"], "name": "demo-1", "namespace": "ml"}
+    assert yaml.safe_load((tmp_path / "rayjob.yaml").read_text()) == body
