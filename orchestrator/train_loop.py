@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
-from orchestrator.checkpoint import (checkpoint_info, newest_complete_checkpoint, restore,
-                                     save_and_report, storage_root)
+from orchestrator.checkpoint import checkpoint_info, newest_complete_checkpoint, restore, save_and_report, storage_root
 from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate
