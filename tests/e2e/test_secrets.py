@@ -32,12 +32,13 @@ def files_containing(secret: bytes, roots, since: float = 0.0):
 
 def test_planted_secrets_never_reach_a_file_or_log(tmp_path):
     secret = f"planted-secret-{uuid.uuid4().hex}"
-    env = {**os.environ, "WANDB_API_KEY": secret, "HF_TOKEN": secret, "WANDB_MODE": ""}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # the test session's WANDB_MODE=disabled
+    env.update(WANDB_API_KEY=secret, HF_TOKEN=secret)
     run_dir = tmp_path / "run"
     started = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "orchestrator", "model=tiny_llama", "model.path=builtin:tiny-llama",
-         "data=legal_instructions", "data.max_length=48", "data.max_validation_rows=4", "trainer.max_steps=2",
+         "data=legal_instructions", "data.max_length=96", "data.max_validation_rows=4", "trainer.max_steps=2",
          "trainer.checkpoint_every=1", "trainer.micro_batch_size=2", "cluster.cpu_workers=2",
          "logger.mode=offline", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, timeout=600)

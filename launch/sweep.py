@@ -1,0 +1,374 @@
+"""The sweep launcher: every trial of `python -m orchestrator -m ...` runs at the same time on one Ray cluster.
+
+Hydra's sweeper (the basic grid, or Optuna's) hands this launcher a batch of override lists. Each trial is
+composed and validated like a single run, gets its own run directory (Hydra's sweep subdirectory) and is planned
+by orchestrator/plan.py to learn what it needs: its workers' GPUs on a GPU cluster, its workers' CPUs on a CPU
+one (Ray Train's controller takes none). A trial starts as soon as that fits beside the trials already running,
+with at most `max_concurrent` at once: eight one-GPU LoRA trials share an 8-GPU node, two four-GPU full runs
+share it too (`gpus_per_trial` sets how many GPUs a trial is planned for).
+
+A trial is the single-run command, `python -m orchestrator <its overrides>`, in a child process that joins the
+sweep's Ray cluster (cluster.address) and starts its own Ray Train TorchTrainer there; its output goes to
+<its dir>/trial.log. Child processes, not threads: a trial that crashes or leaks cannot take the others down, and
+transformers' lazy imports are not safe from two threads at once. A trial that fails is recorded as failed (with
+its error) and the others go on. Each trial's <its dir>/trial.json holds its overrides, status, metric,
+tokens/s and wall-clock start and end; after each batch launch/sweep_summary.py writes the summary, the plot and
+the best trial's overrides into the sweep directory.
+
+Hydra only instantiates launchers from the `hydra_plugins` package: hydra_plugins/orchestrator_launcher names
+this class there, and hydra_conf/hydra/launcher/ray_trials.yaml selects it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from launch.sweep_summary import TRIAL_FILE, override_key, read_records, write_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Trial:
+    num: int
+    overrides: List[str]
+    run_dir: str
+    cfg: Optional[DictConfig] = None  # the composed job config, without hydra
+    hydra_cfg: Optional[DictConfig] = None
+    run: Any = None  # RunConfig
+    plan: Any = None  # Plan
+    record: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def need(self) -> Dict[str, int]:
+        """Ray resources the trial's workers take: a GPU each on GPU, else a CPU each."""
+        return {"GPU": self.plan.num_workers} if self.plan.use_gpu else {"CPU": self.plan.num_workers}
+
+
+LOG_FILE = "trial.log"  # the trial's console output, in its directory
+
+
+def hydra_quote(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged: quoted unless it is a plain word or path."""
+    if re.fullmatch(r"[\w\-./:@%+~]+", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def error_in_log(path: str, code: int) -> str:
+    """The reason a trial's command failed, from its log: the CLI's `error: ...` line (a UserError), else the
+    last exception line of the driver's traceback (lines Ray forwards from workers start with "(")."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in handle]
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ")
+    for line in reversed(lines):
+        if not line.startswith("(") and re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*", line):
+            return line
+    return f"exit code {code} (see {path})"
+
+
+def default_metric(task_value: str) -> str:
+    return "eval/macro_f1" if task_value == "classification" else "eval/loss"
+
+
+def default_mode(metric: str) -> str:
+    return "min" if "loss" in metric or "perplexity" in metric else "max"
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line: a UserError's message, else the failing worker's exception (the last line of Ray's report)."""
+    from orchestrator.errors import UserError
+
+    if isinstance(err, UserError):
+        return str(err)
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        err = next(iter(failures.values()))
+    cause = getattr(err, "cause", None)  # RayTaskError: the exception raised inside the task
+    if isinstance(cause, BaseException):
+        err = cause
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text, name = (lines[-1] if lines else ""), type(err).__name__
+    if not text:
+        return name
+    return text if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", text) else f"{name}: {text}"
+
+
+def to_start(needs: Sequence[Dict[str, int]], free: Dict[str, int], running: int,
+             max_concurrent: Optional[int]) -> List[int]:
+    """Which pending trials (by index, in order) start now: each one whose resources fit in what is still free,
+    first come first served, while fewer than max_concurrent run. A smaller trial may pass a larger one that
+    does not fit yet."""
+    free, chosen = dict(free), []
+    for index, need in enumerate(needs):
+        if max_concurrent and running + len(chosen) >= max_concurrent:
+            break
+        if all(free.get(k, 0) >= n for k, n in need.items()):
+            for k, n in need.items():
+                free[k] -= n
+            chosen.append(index)
+    return chosen
+
+
+class RayTrialLauncher(Launcher):
+    def __init__(self, max_concurrent: Optional[int] = None, gpus_per_trial: Optional[int] = None,
+                 metric: Optional[str] = None, mode: Optional[str] = None) -> None:
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError(f"hydra.launcher.max_concurrent={max_concurrent} is not allowed: an integer >= 1")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"hydra.launcher.mode={mode} is not allowed: min, max or null")
+        self.max_concurrent = max_concurrent
+        self.gpus_per_trial = gpus_per_trial
+        self.metric = metric
+        self.mode = mode
+        self.config: Optional[DictConfig] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    # ---------------------------------------------------------------- the batch
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = os.path.abspath(str(self.config.hydra.sweep.dir))
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        trials = [self._compose(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        runnable = [t for t in trials if t.run is not None]
+        if runnable:
+            self._start_ray([t.run for t in runnable], len(runnable))
+            for trial in runnable:
+                self._plan(trial, sweep_dir)
+        log.info(f"Launching {len(trials)} trials on Ray"
+                 + (f", at most {self.max_concurrent} at once" if self.max_concurrent else ""))
+        self._run_all([t for t in trials if t.plan is not None])
+
+        records = read_records(sweep_dir)
+        metric = next((r["metric"] for r in records if r.get("metric")), "eval/loss")
+        mode = self._mode(metric)
+        written = write_summary(sweep_dir, records, mode)
+        print(f"\nsweep: {len(records)} trials, {sum(r['status'] == 'completed' for r in records)} completed "
+              f"(best: {mode} {metric}, starred)\n{written['table']}", flush=True)
+        for kind in ("csv", "markdown", "plot", "best"):
+            if kind in written:
+                print(f"{kind}: {written[kind]}", flush=True)
+        return [self._job_return(t) for t in trials]
+
+    def _mode(self, metric: str) -> str:
+        """hydra.launcher.mode, else the direction Optuna's sweeper optimises, else min for a loss."""
+        if self.mode:
+            return self.mode
+        direction = OmegaConf.select(self.config, "hydra.sweeper.direction", default=None)
+        if isinstance(direction, str) and direction.lower() in ("maximize", "minimize"):
+            return "max" if direction.lower() == "maximize" else "min"
+        return default_mode(metric)
+
+    # ---------------------------------------------------------------- per trial, on the driver's main thread
+
+    def _compose(self, num: int, overrides: List[str]) -> Trial:
+        """Hydra's config for this trial (as the basic launcher composes it), its .hydra files, its RunConfig.
+        A value the schema or validate() rejects fails this trial alone."""
+        from orchestrator.config import to_run_config
+        from orchestrator.errors import UserError
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+            sweep_config.hydra.job.num = num
+        HydraConfig.instance().set_config(sweep_config)
+        run_dir = os.path.abspath(os.path.join(str(sweep_config.hydra.sweep.dir), str(sweep_config.hydra.sweep.subdir)))
+        with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
+            sweep_config.hydra.runtime.output_dir = run_dir
+        HydraConfig.instance().set_config(sweep_config)
+        cfg = copy.deepcopy(sweep_config)
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        trial = Trial(num, overrides, run_dir, cfg=cfg, hydra_cfg=copy.deepcopy(sweep_config))
+        trial.record = {"num": num, "overrides": overrides, "run_dir": run_dir, "status": "pending", "error": None,
+                        "metric": self.metric, "value": None, "tokens_per_s": None, "started_at": None,
+                        "finished_at": None, "workers": None, "strategy": None}
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if sweep_config.hydra.output_subdir is not None:
+            hydra_dir = Path(run_dir) / str(sweep_config.hydra.output_subdir)
+            hydra_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, hydra_dir / "config.yaml")
+            OmegaConf.save(sweep_config.hydra.overrides.task, hydra_dir / "overrides.yaml")
+        try:
+            trial.run = to_run_config(cfg)
+        except (UserError, ValueError) as err:
+            self._fail(trial, err)
+            return trial
+        trial.run.run_dir = run_dir
+        trial.record["metric"] = self.metric or default_metric(trial.run.model.task.value)
+        if self.gpus_per_trial is not None and trial.run.cluster.gpus is None:
+            trial.run.cluster.gpus, trial.run.cluster.nodes = self.gpus_per_trial, 1
+        return trial
+
+    def _start_ray(self, runs: List[Any], trial_count: int) -> None:
+        """One Ray cluster for the sweep: cluster.address if given, else an embedded one. On a machine without
+        GPUs the embedded cluster gets logical CPUs for max_concurrent trials (default: as many as the cores
+        hold, and at least two); they then share the real cores, as a run's workers already do."""
+        import ray
+        import torch
+
+        from launch.local import start_ray
+
+        if ray.is_initialized():
+            return
+        cluster = runs[0].cluster
+        if cluster.address is None and (cluster.gpus == 0 or torch.cuda.device_count() == 0):
+            per_trial = max(r.cluster.cpu_workers for r in runs)
+            at_once = min(trial_count, self.max_concurrent or max(2, (os.cpu_count() or 1) // per_trial))
+            cpus = at_once * per_trial
+            # start_ray gives an embedded cluster max(cores, cpu_workers + 1) logical CPUs
+            cluster = dataclasses.replace(cluster, cpu_workers=max(cluster.cpu_workers, cpus - 1))
+        start_ray(cluster)
+
+    def _plan(self, trial: Trial, sweep_dir: str) -> None:
+        """The trial's Plan (what execute() will compute again, to the same result), for packing."""
+        from launch.local import detect_resources
+        from orchestrator.errors import UserError
+        from orchestrator.model import read_model_config
+        from orchestrator.plan import make_plan
+
+        run = trial.run
+        if run.logger.group is None:  # one W&B group per sweep; one W&B run name per trial
+            run.logger.group = f"{run.name}-{Path(sweep_dir).name}"
+        run.name = f"{run.name}-{trial.num}"
+        try:
+            trial.plan = make_plan(run, detect_resources(run.cluster, ray_started=True), read_model_config(run.model))
+        except UserError as err:
+            self._fail(trial, err)
+            return
+        trial.record.update(workers=trial.plan.num_workers, strategy=trial.plan.strategy)
+        self._write(trial)
+
+    # ---------------------------------------------------------------- running them together
+
+    def _run_all(self, trials: List[Trial]) -> None:
+        """Start trials in order whenever their resources are free (a later, smaller trial may go first);
+        one thread per running trial; a trial larger than the whole cluster fails without starting."""
+        import ray
+
+        capacity = {k: int(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU")}
+        for trial in [t for t in trials if any(n > capacity[k] for k, n in t.need.items())]:
+            self._fail(trial, RuntimeError(f"needs {self._need_text(trial)}, the cluster has "
+                                           f"{capacity['GPU']} GPUs and {capacity['CPU']} CPUs"))
+            trials.remove(trial)
+        free = dict(capacity)
+        pending, running = list(trials), 0
+        finished: "queue.Queue[Trial]" = queue.Queue()
+        while pending or running:
+            starting = to_start([t.need for t in pending], free, running, self.max_concurrent)
+            for trial in [pending[i] for i in starting]:
+                for k, n in trial.need.items():
+                    free[k] -= n
+                running += 1
+                log.info(f"trial {trial.num} starts ({self._need_text(trial)}): {' '.join(trial.overrides)}")
+                threading.Thread(target=self._run_trial, args=(trial, finished), daemon=True,
+                                 name=f"trial-{trial.num}").start()
+            pending = [t for i, t in enumerate(pending) if i not in starting]
+            assert running, "a trial that fits the empty cluster always starts"
+            done = finished.get()
+            running -= 1
+            for k, n in done.need.items():
+                free[k] += n
+            record = done.record
+            log.info(f"trial {done.num} {record['status']} after {record['finished_at'] - record['started_at']:.0f}s"
+                     + (f": {record['metric']}={record['value']}" if record["status"] == "completed"
+                        else f": {record['error']}"))
+
+    def _run_trial(self, trial: Trial, finished: "queue.Queue[Trial]") -> None:
+        """The trial's single run as a child process on the sweep's cluster; its metrics from its metrics.json."""
+        trial.record.update(status="running", started_at=time.time())
+        self._write(trial)
+        try:
+            with open(os.path.join(trial.run_dir, LOG_FILE), "w", encoding="utf-8") as log_file:
+                code = subprocess.run(self._command(trial), stdout=log_file, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            metrics_path = os.path.join(trial.run_dir, "metrics.json")
+            if code == 0:
+                metrics = {}
+                if os.path.exists(metrics_path):
+                    with open(metrics_path, encoding="utf-8") as handle:
+                        metrics = json.load(handle)
+                trial.record.update(status="completed", value=metrics.get(trial.record["metric"]),
+                                    tokens_per_s=metrics.get("train/tokens_per_s"))
+            else:
+                trial.record.update(status="failed", error=error_in_log(os.path.join(trial.run_dir, LOG_FILE), code))
+        except Exception as err:  # noqa: BLE001 - a trial's failure is recorded, never the sweep's end
+            trial.record.update(status="failed", error=describe_failure(err))
+        finally:
+            trial.record["finished_at"] = time.time()
+            self._write(trial)
+            finished.put(trial)
+
+    def _command(self, trial: Trial) -> List[str]:
+        """`python -m orchestrator` with the trial's overrides, as one run in the trial's directory, on the
+        sweep's Ray cluster, with the W&B group and name and the GPU count the sweep gave it."""
+        import ray
+
+        run = trial.run
+        own = {"hydra.run.dir": trial.run_dir, "hydra.mode": "RUN",
+               "cluster.address": ray.get_runtime_context().gcs_address, "name": run.name,
+               "logger.group": run.logger.group}
+        if self.gpus_per_trial is not None:
+            own.update({"cluster.gpus": str(run.cluster.gpus), "cluster.nodes": str(run.cluster.nodes)})
+        kept = [o for o in trial.overrides if override_key(o) not in own]
+        return [sys.executable, "-m", "orchestrator", *kept, *(f"{k}={hydra_quote(v)}" for k, v in own.items())]
+
+    # ---------------------------------------------------------------- records
+
+    def _fail(self, trial: Trial, err: BaseException) -> None:
+        now = time.time()
+        trial.record.update(status="failed", error=describe_failure(err), started_at=now, finished_at=now)
+        self._write(trial)
+        log.warning(f"trial {trial.num} failed: {trial.record['error']}")
+
+    @staticmethod
+    def _write(trial: Trial) -> None:
+        with open(os.path.join(trial.run_dir, TRIAL_FILE), "w", encoding="utf-8") as handle:
+            json.dump(trial.record, handle, indent=1)
+
+    @staticmethod
+    def _need_text(trial: Trial) -> str:
+        return ", ".join(f"{n} {k}" for k, n in trial.need.items())
+
+    def _job_return(self, trial: Trial) -> JobReturn:
+        """Hydra's record of the job. A failed trial is returned as completed with the value None, so that the
+        basic sweeper does not stop the sweep over it, and Optuna's records it as a failed trial."""
+        ret = JobReturn(overrides=trial.overrides, cfg=trial.cfg, hydra_cfg=trial.hydra_cfg,
+                        working_dir=os.getcwd(), task_name=str(trial.hydra_cfg.hydra.job.name),
+                        status=JobStatus.COMPLETED)
+        value = trial.record.get("value")
+        ret.return_value = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        return ret
