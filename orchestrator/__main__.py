@@ -65,6 +65,9 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     run.model.tokenizer_path = absolute_path(run.model.tokenizer_path, base)
     run.data.path = absolute_path(run.data.path, base)
     run.data.validation_path = absolute_path(run.data.validation_path, base)
+    run.data.reference_path = absolute_path(run.data.reference_path, base)
+    for entry in run.data.mix or []:
+        entry.path, entry.validation_path = absolute_path(entry.path, base), absolute_path(entry.validation_path, base)
     if run.resume != "auto":
         run.resume = absolute_path(run.resume, base)
     if run.data.cache_dir:

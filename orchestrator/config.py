@@ -8,6 +8,7 @@ The training loop receives the resulting `RunConfig` object and never looks at H
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -98,8 +99,20 @@ class ModelConfig:
 
 
 @dataclass
+class MixEntry:
+    """One dataset of data.mix: its share of every global batch is weight / (sum of the weights)."""
+
+    path: str = "???"  # as data.path: JSONL/CSV file, directory or sample:<name>
+    weight: float = 1.0  # relative share of the training rows (> 0)
+    validation_path: Optional[str] = None  # as data.validation_path
+
+
+@dataclass
 class DataConfig:
     path: str = "sample:legal_clauses"  # JSONL/CSV file, a directory with train/validation files, or sample:<name>
+    mix: Optional[List[MixEntry]] = None  # several datasets of one task, drawn by weight; replaces path when set
+    reference_path: Optional[str] = None  # causal LM: general text whose loss before/after shows forgetting
+    packing: bool = False  # causal LM: pack training examples into rows of up to max_length tokens (no cross-attention)
     validation_path: Optional[str] = None  # default: the directory's validation file, else a split of path
     format: DataFormat = DataFormat.auto
     max_length: int = 256  # tokens; longer rows are truncated and counted (see overlong)
@@ -131,6 +144,8 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (ignored when global_batch_size is set)
     global_batch_size: Optional[int] = None  # rows per optimizer step; sets grad_accum = this / (workers * micro)
     eval_every: int = 0  # steps between evaluations (0 = only before and after training)
+    eval_generate_rows: int = 4  # causal LM: greedy answers to this many validation rows, ROUGE-L/BLEU (0 = off)
+    eval_max_new_tokens: int = 64  # longest generated answer, in tokens
     checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # newest K checkpoints kept
     max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
@@ -252,6 +267,8 @@ def validate(run: RunConfig) -> None:
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
+    _check(t.eval_generate_rows >= 0, "trainer.eval_generate_rows", t.eval_generate_rows, "an integer >= 0 (0 = off)")
+    _check(t.eval_max_new_tokens >= 1, "trainer.eval_max_new_tokens", t.eval_max_new_tokens, "an integer >= 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
     _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a number in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
@@ -273,11 +290,32 @@ def validate(run: RunConfig) -> None:
     _check(run.cluster.nodes is None or run.cluster.nodes >= 1, "cluster.nodes", run.cluster.nodes,
            "an integer >= 1, or null")
     validate_k8s(run.k8s)
+    validate_mix(d)
+    _check(d.reference_path is None or m.task is Task.causal_lm, "data.reference_path", d.reference_path,
+           "null for model.task=classification (the forgetting check measures language-model loss on text)")
+    _check(not d.packing or m.task is Task.causal_lm, "data.packing", d.packing,
+           "false for model.task=classification (packing applies to causal LM rows)")
+    _check(not d.packing or run.strategy not in (Strategy.prefix, Strategy.prompt), "data.packing", d.packing,
+           f"false with strategy={run.strategy.value} (virtual tokens shift the packed positions)")
     if m.task is Task.causal_lm:
         _check(not o.balanced_sampling, "optim.balanced_sampling", o.balanced_sampling,
                "false for model.task=causal_lm (it applies to classification)")
         _check(o.class_weighting is ClassWeighting.none, "optim.class_weighting", o.class_weighting.value,
                "none for model.task=causal_lm (it applies to classification)")
+
+
+def validate_mix(d: DataConfig) -> None:
+    """data.mix: at least one dataset, each with a path and a finite weight > 0; validation per entry."""
+    if d.mix is None:
+        return
+    _check(len(d.mix) > 0, "data.mix", d.mix, "a non-empty list of {path, weight}, or null to use data.path")
+    _check(d.validation_path is None, "data.validation_path", d.validation_path,
+           "null when data.mix is set (give each entry its own validation_path)")
+    for i, entry in enumerate(d.mix):
+        _check(bool(entry.path.strip()), f"data.mix[{i}].path", entry.path,
+               "a JSONL/CSV file, a directory or sample:<name>")
+        _check(math.isfinite(entry.weight) and entry.weight > 0, f"data.mix[{i}].weight", entry.weight,
+               "a number > 0 (its relative share of the training rows)")
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")  # a Kubernetes quantity

@@ -16,6 +16,15 @@ _console = Console(highlight=False, soft_wrap=True)
 
 def data_summary(raw) -> None:
     line = f"data: {raw.format.value}, {len(raw.train)} train rows, {len(raw.validation)} validation rows"
+    if raw.parts:  # data.mix: each dataset's rows and its share of the training rows
+        total = sum(p.weight for p in raw.parts)
+        line = f"data: mix of {len(raw.parts)} datasets, {len(raw.train)} train rows, {len(raw.validation)} " \
+               "validation rows"
+        for p in raw.parts:
+            line += (f"\n  {p.name} ({p.format.value}): {len(p.train)} train rows, {len(p.validation)} validation "
+                     f"rows, weight {p.weight:g} ({p.weight / total:.0%} of training rows)")
+    if raw.reference:
+        line += f"\nforgetting check: {len(raw.reference)} reference rows ({raw.config.reference_path})"
     if raw.labels is not None:
         counts = Counter(str(r.fields["label"]) for r in raw.train)
         shares = ", ".join(f"{name} {counts[name] / len(raw.train):.0%}" for name in raw.labels)
@@ -36,6 +45,11 @@ def final_summary(metrics: Dict, run: RunConfig) -> None:
                       if k.startswith("eval/") and isinstance(metrics[k], (int, float))):
         before = metrics.get(f"eval_before/{key}")
         table.add_row(key, "-" if before is None else f"{before:.4f}", f"{metrics[f'eval/{key}']:.4f}")
+    for key in ("loss", "perplexity"):  # data.reference_path: general text, to see what fine-tuning forgot
+        if f"forgetting/{key}_after" in metrics:
+            before = metrics.get(f"forgetting/{key}_before")
+            table.add_row(f"reference {key} (forgetting)", "-" if before is None else f"{before:.4f}",
+                          f"{metrics[f'forgetting/{key}_after']:.4f}")
     _console.print(table)
     started = metrics["time/command_started_at"]
     _console.print(f"time: {metrics['time/finished_at'] - started:.0f}s in all; first step after "

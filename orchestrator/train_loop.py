@@ -25,8 +25,9 @@ from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
 from orchestrator.checkpoint import checkpoint_info, newest_complete_checkpoint, restore, save_and_report, storage_root
 from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
-from orchestrator.data.batching import GlobalBatchSchedule, collate
+from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
 from orchestrator.deepspeed_config import deepspeed_config
+from orchestrator.generation_eval import generation_report
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import evaluate
 from orchestrator.model import build_model, load_tokenizer
@@ -66,8 +67,11 @@ def train_loop(config: Dict[str, Any]) -> None:
         class_of_row = [e.target for e in data.train]
         counts = torch.bincount(torch.tensor(class_of_row), minlength=len(data.labels))
         class_weights = class_weights_for(counts, run.optim.class_weighting.value)
-    schedule = GlobalBatchSchedule(len(data.train), plan.global_batch_size, run.trainer.seed,
-                                   class_of_row if run.optim.balanced_sampling else None)
+    sample_classes = class_of_row if run.optim.balanced_sampling else None
+    row_weights = (mix_row_weights(data.train_source, [p.weight for p in data.parts], sample_classes)
+                   if data.parts else None)  # data.mix: each dataset's share of every batch follows its weight
+    schedule = GlobalBatchSchedule(len(data.train), plan.global_batch_size, run.trainer.seed, sample_classes,
+                                   row_weights)
     lengths = [len(e.input_ids) for e in data.train]
 
     # model: HfDeepSpeedConfig (kept alive) makes transformers build it under deepspeed.zero.Init
@@ -107,6 +111,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     if start_step == 0:
         with timer("eval_before"):  # inside "command to first step", so timed apart from later evaluations
             history.update(prefixed("eval_before", evaluate_model(engine, data, run, tokenizer, device)))
+            history.update(forgetting(engine, data, run, tokenizer, device, "before"))  # kept in checkpoints
         tracker.log(0, history)
     history["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
 
@@ -127,7 +132,7 @@ def train_loop(config: Dict[str, Any]) -> None:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            loss, _ = loss_terms(engine(**batch).logits, labels, task, class_weights)
+            loss, _ = loss_terms(engine(**model_inputs(batch)).logits, labels, task, class_weights)
             # DeepSpeed divides by accumulation steps and averages over ranks: undo both
             engine.backward(loss * (world_size * plan.grad_accum / global_weight))
             engine.step()
@@ -150,6 +155,8 @@ def train_loop(config: Dict[str, Any]) -> None:
     with timer("eval"):
         final_eval = prefixed("eval", evaluate_model(engine, data, run, tokenizer, device,
                                                      with_confusion=task is Task.classification))
+        final_eval.update(forgetting(engine, data, run, tokenizer, device, "after"))
+        final_eval.update(generated_answers(engine, data, run, tokenizer, device, tracker, world_size))
     final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds(),
              **peak_gpu_memory(device)}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
@@ -214,8 +221,37 @@ def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig):
 
 
 def evaluate_model(engine, data, run: RunConfig, tokenizer, device, with_confusion: bool = False) -> Dict[str, Any]:
-    return evaluate(engine, data.validation, run.model.task, run.trainer.micro_batch_size,
-                    tokenizer.pad_token_id, device, with_confusion=with_confusion)
+    """Validation metrics; for a data.mix of several datasets also each one's, as <name>/loss etc."""
+    metrics = evaluate(engine, data.validation, run.model.task, run.trainer.micro_batch_size,
+                       tokenizer.pad_token_id, device, with_confusion=with_confusion)
+    if len(data.parts) > 1:
+        for part in data.parts:
+            metrics.update(prefixed(part.name, evaluate(engine, part.validation, run.model.task,
+                                                        run.trainer.micro_batch_size, tokenizer.pad_token_id, device)))
+    return metrics
+
+
+def forgetting(engine, data, run: RunConfig, tokenizer, device, when: str) -> Dict[str, float]:
+    """data.reference_path: loss and perplexity on general text, "before" or "after" fine-tuning (a rise
+    after means the model forgot some of its general language modelling)."""
+    if not data.reference:
+        return {}
+    metrics = evaluate(engine, data.reference, run.model.task, run.trainer.micro_batch_size,
+                       tokenizer.pad_token_id, device)
+    return {f"forgetting/loss_{when}": metrics["loss"], f"forgetting/perplexity_{when}": metrics["perplexity"]}
+
+
+def generated_answers(engine, data, run: RunConfig, tokenizer, device, tracker, world_size: int) -> Dict[str, float]:
+    """Causal LM: ROUGE-L and BLEU of greedy answers to the first validation rows; a few samples on the console.
+    Every rank takes part (ZeRO-3 gathers parameters for each generated token)."""
+    rows = run.trainer.eval_generate_rows
+    if run.model.task is not Task.causal_lm or not rows:
+        return {}
+    metrics, samples = generation_report(engine.module, data.validation, tokenizer, device, rows,
+                                         run.trainer.eval_max_new_tokens, synced_gpus=world_size > 1)
+    if samples:
+        tracker.note(samples)
+    return prefixed("eval", metrics)
 
 
 def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:

@@ -1,11 +1,19 @@
-"""Datasets: read rows (readers), encode them per format (formats), batch them (batching)."""
+"""Datasets: read rows (readers), encode them per format (formats), batch them (batching).
+
+data.mix reads several datasets of one task; each is read and encoded on its own (its own format and report),
+then their rows are concatenated and `train_source` says which dataset each training example came from, so
+that the batch schedule can draw every dataset by its weight and evaluation can report each one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from orchestrator.config import DataConfig, DataFormat, Task
+from orchestrator.data.batching import pack_examples
 from orchestrator.data.cache import cached_encode, tokenizer_fingerprint
 from orchestrator.data.formats import (
     FORMAT_TASK,
@@ -20,7 +28,7 @@ from orchestrator.data.formats import (
     encode_text,
     label_names,
 )
-from orchestrator.data.readers import Row, read_splits
+from orchestrator.data.readers import Row, read_reference, read_splits
 from orchestrator.errors import UserError
 
 
@@ -33,6 +41,10 @@ class RawData:
     validation: List[Row]
     labels: Optional[List[str]]  # class names for classification
     config: DataConfig = field(default_factory=DataConfig)  # how to encode them (chat template, cache)
+    name: str = ""  # short name of the dataset (data.mix: eval/<name>/loss)
+    weight: float = 1.0  # data.mix: relative share of the training rows
+    parts: List["RawData"] = field(default_factory=list)  # data.mix: the datasets, in order (else empty)
+    reference: List[Row] = field(default_factory=list)  # data.reference_path: general text (forgetting check)
 
 
 @dataclass
@@ -43,23 +55,124 @@ class Dataset:
     labels: Optional[List[str]]
     train_report: DataReport
     validation_report: DataReport
+    name: str = ""
+    weight: float = 1.0
+    parts: List["Dataset"] = field(default_factory=list)  # data.mix: each dataset encoded on its own
+    train_source: List[int] = field(default_factory=list)  # data.mix: index into parts of each train example
+    reference: List[Example] = field(default_factory=list)  # data.reference_path, encoded as plain text
+    reference_report: Optional[DataReport] = None
 
 
 def read_data(cfg: DataConfig, task: Task, seed: int) -> RawData:
+    """Rows of data.path, or of every data.mix dataset, plus data.reference_path's, checked for format."""
+    if cfg.mix:
+        raw = read_mix(cfg, task, seed)
+    else:
+        raw = read_dataset(cfg, task, seed)
+    if cfg.reference_path:
+        raw.reference = read_reference(cfg.reference_path)
+        check_rows(raw.reference, DataFormat.text)
+    return raw
+
+
+def read_dataset(cfg: DataConfig, task: Task, seed: int, key: str = "data.path") -> RawData:
     train, validation = read_splits(cfg.path, cfg.validation_path, cfg.validation_fraction, seed)
     fmt = detect_format(train, cfg.format)
     if FORMAT_TASK[fmt] is not task:
-        raise UserError(f"data.path={cfg.path} holds {fmt.value} data, which needs model.task="
+        raise UserError(f"{key}={cfg.path} holds {fmt.value} data, which needs model.task="
                         f"{FORMAT_TASK[fmt].value}, but model.task={task.value}")
     check_rows(train, fmt)
     check_rows(validation, fmt)
     if cfg.max_validation_rows is not None:
         validation = validation[: cfg.max_validation_rows]
     labels = label_names(train, validation) if fmt is DataFormat.classification else None
-    return RawData(fmt, train, validation, labels, cfg)
+    return RawData(fmt, train, validation, labels, cfg, name=dataset_name(cfg.path))
+
+
+def read_mix(cfg: DataConfig, task: Task, seed: int) -> RawData:
+    """Every data.mix dataset read as data.path would be (data.format applies to each: leave it auto to mix
+    alpaca, chat and text). Classification datasets must share one label set: one head predicts them all."""
+    parts = []
+    for i, entry in enumerate(cfg.mix):
+        part_cfg = dataclasses.replace(cfg, path=entry.path, validation_path=entry.validation_path, mix=None)
+        part = read_dataset(part_cfg, task, seed, key=f"data.mix[{i}].path")
+        part.weight = entry.weight
+        parts.append(part)
+    for i, part in enumerate(parts[1:], start=1):
+        if part.labels != parts[0].labels:
+            raise UserError(f"data.mix[{i}].path={part.config.path} has labels {part.labels}, but "
+                            f"data.mix[0].path={parts[0].config.path} has {parts[0].labels}: the datasets of a "
+                            "classification mix must share one label set")
+    unique_names(parts)
+    return RawData(parts[0].format, [r for p in parts for r in p.train], [r for p in parts for r in p.validation],
+                   parts[0].labels, cfg, name="mix", parts=parts)
+
+
+def dataset_name(path: str) -> str:
+    """A short name for reports and metric keys: the sample's name, the directory's, or the file's stem
+    (its directory's when the file is just train.jsonl)."""
+    if path.startswith("sample:"):
+        return path.removeprefix("sample:")
+    path = path.rstrip("/")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if os.path.isfile(path) and stem in ("train", "data") and os.path.dirname(path):
+        return os.path.basename(os.path.dirname(path))
+    return stem
+
+
+def unique_names(parts: List[RawData]) -> None:
+    """Two datasets of one name (e.g. two train.jsonl of directories with the same name) get -2, -3, ..."""
+    seen: dict = {}
+    for part in parts:
+        seen[part.name] = seen.get(part.name, 0) + 1
+        if seen[part.name] > 1:
+            part.name = f"{part.name}-{seen[part.name]}"
 
 
 def encode_data(raw: RawData, tokenizer, max_length: Optional[int] = None) -> Dataset:
+    """Tokenize (through the cache), one dataset at a time for a mix; data.reference_path as plain text."""
+    max_length = max_length or raw.config.max_length
+    if raw.parts:
+        data = encode_mix(raw, tokenizer, max_length)
+    else:
+        data = encode_dataset(raw, tokenizer, max_length)
+    if raw.reference:
+        data.reference, data.reference_report = encode_reference(raw, tokenizer, max_length)
+    return data
+
+
+def encode_mix(raw: RawData, tokenizer, max_length: int) -> Dataset:
+    parts = [encode_dataset(part, tokenizer, max_length) for part in raw.parts]
+    train = [e for p in parts for e in p.train]
+    source = [i for i, p in enumerate(parts) for _ in p.train]
+    return Dataset(parts[0].format, train, [e for p in parts for e in p.validation], raw.labels,
+                   merge_reports([p.train_report for p in parts]), merge_reports([p.validation_report for p in parts]),
+                   name=raw.name, parts=parts, train_source=source)
+
+
+def encode_reference(raw: RawData, tokenizer, max_length: int) -> tuple:
+    cfg = raw.config
+    fingerprint = tokenizer_fingerprint(tokenizer) if cfg.cache else ""
+    settings = {"format": DataFormat.text.value, "max_length": max_length, "labels": None}
+    return cached_encode(raw.reference, fingerprint, settings, lambda: encode_text(raw.reference, tokenizer,
+                         max_length), cfg.cache_dir, cfg.cache)
+
+
+def merge_reports(reports: List[DataReport]) -> DataReport:
+    """The reports of a mix's datasets added up (counts summed, per-reason / per-label dicts merged)."""
+    total = DataReport(cached=all(r.cached for r in reports))
+    for report in reports:
+        total.packed_length = max(total.packed_length, report.packed_length)
+        for name in ("rows", "tokens", "truncated", "examples", "split", "trained_tokens", "packed_rows"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+        for name in ("dropped", "label_counts"):
+            merged = getattr(total, name)
+            for key, n in getattr(report, name).items():
+                merged[key] = merged.get(key, 0) + n
+    return total
+
+
+def encode_dataset(raw: RawData, tokenizer, max_length: Optional[int] = None) -> Dataset:
     """Tokenize both splits through the on-disk cache (data.cache). Chat data: the template used (the
     tokenizer's own, or ChatML) is set on the tokenizer, so that an export saved with this tokenizer carries
     the template it was trained with (vLLM and predict render prompts with it)."""
@@ -84,10 +197,29 @@ def encode_data(raw: RawData, tokenizer, max_length: Optional[int] = None) -> Da
     train, train_report = cached_encode(raw.train, fingerprint, settings, encoder(raw.train), cfg.cache_dir, cfg.cache)
     validation, validation_report = cached_encode(raw.validation, fingerprint, settings, encoder(raw.validation),
                                                   cfg.cache_dir, cfg.cache)
-    return Dataset(raw.format, train, validation, raw.labels, train_report, validation_report)
+    if cfg.packing:  # after the cache: the cached examples stay unpacked, packing is cheap
+        train = pack_examples(train, max_length)
+        train_report = dataclasses.replace(train_report, packed_rows=len(train), packed_length=max_length)
+    return Dataset(raw.format, train, validation, raw.labels, train_report, validation_report, name=raw.name,
+                   weight=raw.weight)
 
 
 def describe_data(data: Dataset) -> str:
-    """The data report printed before training: rows, tokens, truncated and dropped rows, labels."""
-    return "\n".join([f"data report ({data.format.value}):", "  " + data.train_report.describe("train"),
-                      "  " + data.validation_report.describe("validation")])
+    """The data report printed before training: rows, tokens, truncated and dropped rows, labels; for a mix,
+    each dataset's lines and weight first; the forgetting check's reference set last."""
+    lines = []
+    if data.parts:
+        total = sum(p.weight for p in data.parts)
+        lines.append(f"data report (mix of {len(data.parts)} datasets, drawn by weight):")
+        for part in data.parts:
+            lines.append(f"  {part.name} ({part.format.value}), weight {part.weight:g} = {part.weight / total:.0%} "
+                         "of the training rows:")
+            lines += ["    " + part.train_report.describe("train").replace("\n", "\n    "),
+                      "    " + part.validation_report.describe("validation").replace("\n", "\n    ")]
+        lines.append("  all datasets:")
+    else:
+        lines.append(f"data report ({data.format.value}):")
+    lines += ["  " + data.train_report.describe("train"), "  " + data.validation_report.describe("validation")]
+    if data.reference_report is not None:
+        lines.append("  " + data.reference_report.describe("reference (forgetting check)"))
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ exactly the global batch that the distributed run trained on.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -18,14 +18,16 @@ class GlobalBatchSchedule:
     """Global batches of `global_batch_size` row indices, drawn epoch after epoch without replacement.
 
     With `class_of_row` given (balanced sampling), rows are drawn with replacement so that every class
-    is equally likely, which shows rare classes to the model as often as common ones.
+    is equally likely, which shows rare classes to the model as often as common ones. With `row_weights`
+    (data.mix, see mix_row_weights), rows are drawn with replacement in proportion to their weights.
+    Either way the draw of a step is seeded by (seed, step) alone, so a resumed run draws the same rows.
     """
 
     def __init__(self, num_rows: int, global_batch_size: int, seed: int,
-                 class_of_row: Optional[Sequence[int]] = None):
+                 class_of_row: Optional[Sequence[int]] = None, row_weights: Optional[torch.Tensor] = None):
         self.num_rows, self.global_batch_size, self.seed = num_rows, global_batch_size, seed
-        self.row_weights = None
-        if class_of_row is not None:
+        self.row_weights = row_weights
+        if class_of_row is not None and row_weights is None:
             counts = torch.bincount(torch.as_tensor(class_of_row))
             self.row_weights = 1.0 / counts[torch.as_tensor(class_of_row)].double()
 
@@ -57,8 +59,54 @@ class GlobalBatchSchedule:
                 for a in range(len(rows) // per_micro_step)]
 
 
+def mix_row_weights(source_of_row: Sequence[int], source_weights: Sequence[float],
+                    class_of_row: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Sampling weights for data.mix: the rows of dataset d together weigh source_weights[d], so d fills that
+    share of every global batch (in expectation) whatever its size. With class_of_row (balanced sampling),
+    the classes inside each dataset are also equally likely."""
+    source = torch.as_tensor(source_of_row)
+    classes = torch.as_tensor(class_of_row) if class_of_row is not None else torch.zeros_like(source)
+    k = int(classes.max()) + 1
+    group = source * k + classes  # rows of one (dataset, class) share one sampling weight
+    rows_in_group = torch.bincount(group)[group].double()
+    groups_of_source = torch.bincount(torch.unique(group) // k, minlength=len(source_weights)).double()
+    return torch.as_tensor(source_weights, dtype=torch.float64)[source] / groups_of_source[source] / rows_in_group
+
+
+def pack_examples(examples: Sequence[Example], max_length: int) -> List[Example]:
+    """data.packing: consecutive examples concatenated into rows of at most max_length tokens.
+
+    position_ids restart at 0 with each example; from them transformers derives each example's own causal
+    mask, so no token attends across examples (see model_inputs). Each example's first target becomes
+    IGNORE_INDEX: unpacked, nothing predicts an example's first token, and packed, the previous example's
+    last token must not learn to either. So the counted target tokens, the loss normaliser, stay the same.
+    """
+    rows: List[Example] = []
+    for example in examples:
+        if not rows or len(rows[-1].input_ids) + len(example.input_ids) > max_length:
+            rows.append(Example([], [], []))
+        row = rows[-1]
+        row.input_ids += example.input_ids
+        row.target += [IGNORE_INDEX] + list(example.target[1:])
+        row.position_ids += list(range(len(example.input_ids)))
+    return rows
+
+
+def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """The model's arguments for a collated batch (labels taken out). A packed batch goes without its
+    attention mask: transformers (5.x, models built on create_causal_mask: Llama, Qwen, Mistral, ...) then
+    finds the examples from the restarting position_ids and masks attention between them; a KV cache
+    would turn that detection off, hence use_cache=False."""
+    inputs: Dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs:
+        inputs.pop("attention_mask")
+        inputs["use_cache"] = False
+    return inputs
+
+
 def collate(examples: Sequence[Example], pad_token_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch; targets are padded with IGNORE_INDEX."""
+    """Right-pad to the longest row of the batch; targets are padded with IGNORE_INDEX. Packed rows also
+    get position_ids; their padding counts from 0 as one more sequence, which no real token attends to."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
@@ -73,6 +121,12 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Dict[str, torch.T
         for i, example in enumerate(examples):
             labels[i, : len(example.target)] = torch.tensor(example.target)
         batch["labels"] = labels
+    if examples[0].position_ids is not None:
+        positions = torch.arange(length).repeat(len(examples), 1)
+        for i, example in enumerate(examples):
+            positions[i, : len(example.position_ids)] = torch.tensor(example.position_ids)
+            positions[i, len(example.position_ids):] -= len(example.position_ids)
+        batch["position_ids"] = positions
     return batch
 
 

@@ -52,6 +52,7 @@ CHATML_STOP = "<|im_end|>"  # where generation of an assistant turn ends under C
 class Example:
     input_ids: List[int]
     target: Any  # class index (classification) or per-token labels with IGNORE_INDEX on the prompt
+    position_ids: Optional[List[int]] = None  # packed rows (data.packing): positions restart at each example
 
 
 @dataclass
@@ -67,6 +68,8 @@ class DataReport:
     split: int = 0  # text: documents longer than data.max_length, split into several examples
     trained_tokens: int = 0  # tokens the loss covers (causal LM: responses / assistant turns)
     cached: bool = False  # read from the tokenization cache, not tokenized now
+    packed_rows: int = 0  # data.packing: rows the examples were packed into
+    packed_length: int = 0  # data.packing: the most tokens a packed row holds (data.max_length)
 
     def describe(self, name: str) -> str:
         """One or two lines for the data report printed before training."""
@@ -80,6 +83,9 @@ class DataReport:
             line += ", dropped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items()))
         if self.cached:
             line += " (from cache)"
+        if self.packed_rows:
+            fill = self.tokens / (self.packed_rows * self.packed_length)
+            line += f"\n  packed into {self.packed_rows} rows of up to {self.packed_length} tokens ({fill:.0%} full)"
         if self.label_counts:
             total = sum(self.label_counts.values())
             line += "\n  labels: " + ", ".join(f"{name} {n} ({n / total:.0%})"

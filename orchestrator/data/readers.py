@@ -88,6 +88,26 @@ def resolve_dataset_files(path: str, validation_path: Optional[str]) -> Tuple[st
     return path, validation_path
 
 
+def read_reference(path: str) -> List[Row]:
+    """data.reference_path's rows of general text: a JSONL/CSV file with a "text" field, a .txt file (one row
+    per paragraph, paragraphs separated by blank lines), or sample:<name> / a directory holding reference.jsonl."""
+    if path.startswith("sample:"):
+        path = str(SAMPLES_DIR / path.removeprefix("sample:"))
+    if os.path.isdir(path):
+        path = os.path.join(path, "reference.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"data.reference_path={path} does not exist: give a JSONL/CSV file with a text field, "
+                        "a .txt file, or sample:general_reference")
+    if Path(path).suffix.lower() != ".txt":
+        return read_rows(path)
+    with open(path, encoding="utf-8") as handle:
+        paragraphs = [p.strip() for p in handle.read().split("\n\n")]
+    rows = [Row({"text": p}, f"{path}:paragraph {i + 1}") for i, p in enumerate(paragraphs) if p]
+    if not rows:
+        raise UserError(f"{path}: the file has no text")
+    return rows
+
+
 def _find(directory: str, names: Tuple[str, ...]) -> Optional[str]:
     for name in names:
         for ext in _EXTENSIONS:

@@ -40,6 +40,7 @@ def test_planted_secrets_never_reach_a_file_or_log(tmp_path):
         [sys.executable, "-m", "orchestrator", "model=tiny_llama", "model.path=builtin:tiny-llama",
          "data=legal_instructions", "data.max_length=96", "data.max_validation_rows=4", "trainer.max_steps=2",
          "trainer.checkpoint_every=1", "trainer.micro_batch_size=2", "cluster.cpu_workers=2",
+         "trainer.eval_generate_rows=0",
          "logger.mode=offline", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-3000:]

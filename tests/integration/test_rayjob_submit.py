@@ -105,7 +105,8 @@ def test_rendered_rayjob_runs_on_the_ray_jobs_api(ray_head, tmp_path):
     overrides = ["+experiment=legal_full", "model=tiny_llama", "data.max_length=64", "data.max_validation_rows=4",
                  "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.global_batch_size=null",
                  "trainer.eval_every=0", "trainer.checkpoint_every=0", "cluster.gpus=0", "cluster.cpu_workers=1",
-                 "logger.mode=disabled", "launcher=rayjob", f"k8s.mount_path={mount}", "+k8s.env.RAYJOB_TEST=1"]
+                 "logger.mode=disabled", "launcher=rayjob", f"k8s.mount_path={mount}", "+k8s.env.RAYJOB_TEST=1",
+                 "trainer.eval_generate_rows=0"]
     run = compose_run(overrides, tmp_path / "here")
     plan, resources = rayjob.plan_for_cluster(run)
     name = rayjob.job_name(run.name)
