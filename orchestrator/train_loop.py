@@ -114,6 +114,7 @@ def train_loop(config: Dict[str, Any]) -> None:
             history.update(forgetting(engine, data, run, tokenizer, device, "before"))  # kept in checkpoints
         tracker.log(0, history)
     history["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
+    metrics: Dict[str, Any] = {}  # stays empty when resuming a run that had already finished
 
     for step in range(start_step, run.trainer.max_steps):
         inject_fault(config.get("fault"), rank, step + 1)

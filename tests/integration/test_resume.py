@@ -34,9 +34,14 @@ def overrides(model_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tiny_llama_dir, tmp_path_factory):
-    run = compose_run(overrides(tiny_llama_dir), tmp_path_factory.mktemp("uninterrupted"))
-    return execute(run)["train/loss_history"]
+def uninterrupted_run(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    return run_dir, execute(compose_run(overrides(tiny_llama_dir), run_dir))["train/loss_history"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run[1]
 
 
 def assert_same_losses(resumed, uninterrupted):
@@ -84,3 +89,12 @@ def test_resume_auto_continues_a_failed_run_and_skips_a_truncated_checkpoint(
     with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
         metrics = execute(resumed)
     assert_same_losses(metrics["train/loss_history"], uninterrupted)
+
+
+def test_resuming_a_finished_run_changes_nothing(uninterrupted_run, tiny_llama_dir, tmp_path):
+    finished_dir, losses = uninterrupted_run
+    run = compose_run(overrides(tiny_llama_dir, f"resume={finished_dir}"), tmp_path / "again")
+    metrics = execute(run)
+    assert metrics["step"] == STEPS
+    assert metrics["train/loss_history"] == losses  # the saved history, no step trained again
+    assert (tmp_path / "again" / "export" / "config.json").is_file()
