@@ -168,23 +168,29 @@ def encode_alpaca(rows: Sequence[Row], tokenizer, max_length: int) -> tuple:
             prompt = prompt[:-1]  # BERT-style tokenizers close every text with [SEP]: not inside a prompt
         response = tokenizer(str(row.fields["output"]), add_special_tokens=False)["input_ids"]
         response = response + ([eos] if eos is not None else [])
-        ids = prompt + response
-        if len(ids) > max_length:
-            report.truncated += 1
-            ids = ids[:max_length]
-        targets = [IGNORE_INDEX] * min(len(prompt), len(ids)) + ids[len(prompt):]
-        if all(t == IGNORE_INDEX for t in targets[1:]):
-            dropped["prompt longer than data.max_length"] += 1
-            continue
-        examples.append(Example(ids, targets))
-        report.tokens += len(ids)
-        report.trained_tokens += sum(t != IGNORE_INDEX for t in targets[1:])
+        add_example(examples, report, dropped, prompt + response, [IGNORE_INDEX] * len(prompt) + response,
+                    max_length, "prompt longer than data.max_length")
     report.dropped = dict(dropped)
     report.examples = len(examples)
     if not examples:
         raise UserError(f"no usable rows in {rows[0].where.rsplit(':', 1)[0]}: every prompt is longer than "
                         f"data.max_length={max_length}; raise data.max_length")
     return examples, report
+
+
+def add_example(examples: List[Example], report: DataReport, dropped: Counter, ids: List[int], targets: List[int],
+                max_length: int, reason: str) -> None:
+    """Cut a row at max_length (counted as truncated); a row left with nothing to train on is dropped and
+    counted under `reason` (targets[0] never trains: a causal LM predicts each token from those before it)."""
+    if len(ids) > max_length:
+        report.truncated += 1
+        ids, targets = ids[:max_length], targets[:max_length]
+    if all(t == IGNORE_INDEX for t in targets[1:]):
+        dropped[reason] += 1
+        return
+    examples.append(Example(ids, targets))
+    report.tokens += len(ids)
+    report.trained_tokens += sum(t != IGNORE_INDEX for t in targets[1:])
 
 
 # ---------------------------------------------------------------- plain text (continued pretraining)
@@ -326,15 +332,7 @@ def encode_chat(rows: Sequence[Row], tokenizer, max_length: int, template: str) 
             ids, offsets = ids[:-1], offsets[:-1]
         targets = [token if end > start and any(s <= start < e for s, e in spans) else IGNORE_INDEX
                    for token, (start, end) in zip(ids, offsets)]
-        if len(ids) > max_length:
-            report.truncated += 1
-            ids, targets = ids[:max_length], targets[:max_length]
-        if all(t == IGNORE_INDEX for t in targets[1:]):
-            dropped["assistant turns beyond data.max_length"] += 1
-            continue
-        examples.append(Example(ids, targets))
-        report.tokens += len(ids)
-        report.trained_tokens += sum(t != IGNORE_INDEX for t in targets[1:])
+        add_example(examples, report, dropped, ids, targets, max_length, "assistant turns beyond data.max_length")
     report.dropped = dict(dropped)
     report.examples = len(examples)
     if not examples:
