@@ -136,7 +136,7 @@ def to_start(needs: Sequence[Dict[str, int]], free: Dict[str, int], running: int
 
 class RayTrialLauncher(Launcher):
     def __init__(self, max_concurrent: Optional[int] = None, gpus_per_trial: Optional[int] = None,
-                 metric: Optional[str] = None, mode: Optional[str] = None) -> None:
+                 metric: Optional[str] = None, mode: Optional[str] = None, early_stopping: bool = False) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"hydra.launcher.max_concurrent={max_concurrent} is not allowed: an integer >= 1")
         if mode not in (None, "min", "max"):
@@ -145,6 +145,7 @@ class RayTrialLauncher(Launcher):
         self.gpus_per_trial = gpus_per_trial
         self.metric = metric
         self.mode = mode
+        self.early_stopping = early_stopping
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None
@@ -321,7 +322,9 @@ class RayTrialLauncher(Launcher):
                 if os.path.exists(metrics_path):
                     with open(metrics_path, encoding="utf-8") as handle:
                         metrics = json.load(handle)
-                trial.record.update(status="completed", value=metrics.get(trial.record["metric"]),
+                stopped = metrics.get("train/stopped_early_at")  # behind the median: not a candidate for best
+                trial.record.update(status="stopped" if stopped else "completed",
+                                    value=metrics.get(trial.record["metric"]),
                                     tokens_per_s=metrics.get("train/tokens_per_s"))
             else:
                 trial.record.update(status="failed", error=error_in_log(os.path.join(trial.run_dir, LOG_FILE), code))
@@ -343,6 +346,10 @@ class RayTrialLauncher(Launcher):
                "logger.group": run.logger.group}
         if self.gpus_per_trial is not None:
             own.update({"cluster.gpus": str(run.cluster.gpus), "cluster.nodes": str(run.cluster.nodes)})
+        if self.early_stopping:  # the median rule, on the metric the sweep ranks by, at every evaluation
+            metric = trial.record["metric"]
+            own.update({"trainer.early_stopping": "true", "trainer.early_stopping_metric": metric.removeprefix("eval/"),
+                        "trainer.early_stopping_mode": self._mode(metric)})
         kept = [o for o in trial.overrides if override_key(o) not in own]
         return [sys.executable, "-m", "orchestrator", *kept, *(f"{k}={hydra_quote(v)}" for k, v in own.items())]
 

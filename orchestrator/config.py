@@ -144,6 +144,9 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (ignored when global_batch_size is set)
     global_batch_size: Optional[int] = None  # rows per optimizer step; sets grad_accum = this / (workers * micro)
     eval_every: int = 0  # steps between evaluations (0 = only before and after training)
+    early_stopping: bool = False  # sweeps: stop when the validation metric is worse than the other trials' median
+    early_stopping_metric: str = "loss"  # the validation metric it compares (eval/<name>), at every eval_every
+    early_stopping_mode: str = "min"  # "min" (a loss) or "max" (accuracy, macro_f1)
     eval_generate_rows: int = 4  # causal LM: greedy answers to this many validation rows, ROUGE-L/BLEU (0 = off)
     eval_max_new_tokens: int = 64  # longest generated answer, in tokens
     checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
@@ -267,6 +270,9 @@ def validate(run: RunConfig) -> None:
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
+    _check(t.early_stopping_mode in ("min", "max"), "trainer.early_stopping_mode", t.early_stopping_mode, "min or max")
+    _check(not t.early_stopping or t.eval_every > 0, "trainer.early_stopping", t.early_stopping,
+           "true only with trainer.eval_every > 0 (trials are compared at each evaluation)")
     _check(t.eval_generate_rows >= 0, "trainer.eval_generate_rows", t.eval_generate_rows, "an integer >= 0 (0 = off)")
     _check(t.eval_max_new_tokens >= 1, "trainer.eval_max_new_tokens", t.eval_max_new_tokens, "an integer >= 1")
     _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")

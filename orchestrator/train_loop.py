@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from orchestrator import early_stopping
 from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
 from orchestrator.checkpoint import checkpoint_info, newest_complete_checkpoint, restore, save_and_report, storage_root
 from orchestrator.config import RunConfig, Task, config_dict
@@ -145,11 +146,18 @@ def train_loop(config: Dict[str, Any]) -> None:
         history["train/loss_history"].append(metrics["train/loss"])
         history["train/lr_history"].append(lr)
         done = step + 1
+        stop = False
         if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done < run.trainer.max_steps:
             with timer("eval"):
                 metrics.update(prefixed("eval", evaluate_model(engine, data, run, tokenizer, device)))
+            stop = falls_behind(run, done, metrics, rank, device)
         tracker.log(done, metrics)
         progress.record(done)
+        if stop:
+            history["train/stopped_early_at"] = done
+            tracker.note(f"stopped early at step {done}: eval/{run.trainer.early_stopping_metric} is worse than "
+                         "the median of the other trials'")
+            break
         if run.trainer.checkpoint_every and done % run.trainer.checkpoint_every == 0 and done < run.trainer.max_steps:
             save_and_report(engine, done, {"step": done, **metrics}, {"history": history})
 
@@ -158,10 +166,10 @@ def train_loop(config: Dict[str, Any]) -> None:
                                                      with_confusion=task is Task.classification))
         final_eval.update(forgetting(engine, data, run, tokenizer, device, "after"))
         final_eval.update(generated_answers(engine, data, run, tokenizer, device, tracker, world_size))
-    final = {"step": run.trainer.max_steps, **history, **metrics, **final_eval, **timer.seconds(),
+    final = {"step": len(history["train/loss_history"]), **history, **metrics, **final_eval, **timer.seconds(),
              **peak_gpu_memory(device)}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
-    save_and_report(engine, run.trainer.max_steps, final, {"history": history},
+    save_and_report(engine, final["step"], final, {"history": history},
                     export=(model, tokenizer, plan.strategy, run.peft))
 
 
@@ -253,6 +261,19 @@ def generated_answers(engine, data, run: RunConfig, tokenizer, device, tracker, 
     if samples:
         tracker.note(samples)
     return prefixed("eval", metrics)
+
+
+def falls_behind(run: RunConfig, step: int, metrics: Dict[str, Any], rank: int, device) -> bool:
+    """Sweeps with trainer.early_stopping: the median stopping rule (orchestrator/early_stopping.py), decided
+    on rank 0 and broadcast, so that all ranks leave the loop at the same step."""
+    if not run.trainer.early_stopping:
+        return False
+    decision = torch.zeros(1, device=device)
+    if rank == 0:
+        value = metrics.get(f"eval/{run.trainer.early_stopping_metric}")
+        decision[0] = float(early_stopping.decide(run.run_dir, step, value, run.trainer.early_stopping_mode))
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:
