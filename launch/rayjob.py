@@ -64,7 +64,7 @@ def plan_for_cluster(run: RunConfig) -> Tuple[Plan, ClusterResources]:
     here where they can be (a known hub id, a local copy, a bundled sample); the pods read the real ones."""
     from orchestrator import console
     from orchestrator.data import read_data
-    from orchestrator.model import read_model_config, transformer_count
+    from orchestrator.model import check_freeze_depth, read_model_config
     from orchestrator.plan import describe, make_plan
 
     c = run.cluster
@@ -80,10 +80,7 @@ def plan_for_cluster(run: RunConfig) -> Tuple[Plan, ClusterResources]:
     if not run.model.allow_download and model_config_dir(run) is None:  # planned from the shape the project carries
         console.note(f"model.path={run.model.path}: the pods load it from their Hugging Face cache (HF_HOME, on the "
                      "claim); to fetch it there add model.allow_download=true")
-    layers = transformer_count(model_config)
-    if run.model.freeze_depth > layers:
-        raise UserError(f"model.freeze_depth={run.model.freeze_depth} is not allowed: {run.model.path} has "
-                        f"{layers} layers (use 0..{layers})")
+    check_freeze_depth(run.model, model_config)
     paths = (run.data.path, run.data.validation_path)
     if all(p is None or p.startswith("sample:") or os.path.exists(p) for p in paths):
         console.data_summary(read_data(run.data, run.model.task, run.trainer.seed))
@@ -93,9 +90,7 @@ def plan_for_cluster(run: RunConfig) -> Tuple[Plan, ClusterResources]:
                                  gpu_memory_gb=c.gpu_memory_gb if c.gpus else None)
     plan = make_plan(run, resources, model_config)
     print(describe(plan, resources.gpu_memory_gb), flush=True)
-    os.makedirs(run.run_dir, exist_ok=True)
-    with open(os.path.join(run.run_dir, "plan.json"), "w", encoding="utf-8") as handle:
-        handle.write(plan.to_json())
+    plan.save(run.run_dir)
     return plan, resources
 
 

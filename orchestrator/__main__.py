@@ -57,7 +57,7 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
 
     from launch.local import detect_resources, run_training, start_ray
     from orchestrator.data import read_data
-    from orchestrator.model import read_model_config, transformer_count
+    from orchestrator.model import check_freeze_depth, read_model_config
     from orchestrator.plan import describe, make_plan
 
     base = os.getcwd()
@@ -74,10 +74,7 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
         run.data.cache_dir = os.path.abspath(os.path.expanduser(run.data.cache_dir))
 
     model_config = read_model_config(run.model, shape_only=run.dry_run)  # fails fast on a missing model
-    layers = transformer_count(model_config)
-    if run.model.freeze_depth > layers:
-        raise UserError(f"model.freeze_depth={run.model.freeze_depth} is not allowed: {run.model.path} has "
-                        f"{layers} layers (use 0..{layers})")
+    check_freeze_depth(run.model, model_config)
     raw = read_data(run.data, run.model.task, run.trainer.seed)
     console.data_summary(raw)
     if not run.dry_run:
@@ -85,14 +82,12 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     resume_from(run)
 
     sizing_only = run.dry_run and run.cluster.gpus is not None
-    if not sizing_only and run.launcher is Launcher.local:
+    if not sizing_only:
         start_ray(run.cluster)
     resources = detect_resources(run.cluster, ray_started=not sizing_only)
     plan = make_plan(run, resources, model_config)
     print(describe(plan, resources.gpu_memory_gb), flush=True)
-    os.makedirs(run.run_dir, exist_ok=True)
-    with open(os.path.join(run.run_dir, "plan.json"), "w", encoding="utf-8") as handle:
-        handle.write(plan.to_json())
+    plan.save(run.run_dir)
     if run.dry_run:
         return {}
     result = run_training(run, plan)

@@ -18,6 +18,7 @@ import random
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -139,7 +140,7 @@ def checkpoint_info(path: str) -> Optional[CheckpointInfo]:
     if not markers:
         return None
     try:
-        contents = [json.load(open(marker, encoding="utf-8")) for marker in markers]
+        contents = [json.loads(Path(marker).read_text(encoding="utf-8")) for marker in markers]
     except (OSError, ValueError):
         return None
     world_size, step = contents[0]["world_size"], contents[0]["step"]
@@ -158,16 +159,17 @@ def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInf
     """The complete checkpoint with the highest step under any of `search_dirs` (newest on a tie);
     incomplete ones are skipped with a warning."""
     found: List[CheckpointInfo] = []
-    for directory in search_dirs:
-        for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True):
-            if not os.path.isdir(path):
-                continue
-            info = checkpoint_info(path)
-            if info is None:
-                warnings.warn(f"skipping incomplete checkpoint {path} (a rank did not finish writing it)",
-                              stacklevel=2)
-                continue
-            found.append(info)
+    # one search root may lie inside another (the default storage is inside the runs directory): each once
+    paths = {os.path.realpath(path) for directory in search_dirs
+             for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True)}
+    for path in sorted(paths):
+        if not os.path.isdir(path):
+            continue
+        info = checkpoint_info(path)
+        if info is None:
+            warnings.warn(f"skipping incomplete checkpoint {path} (a rank did not finish writing it)", stacklevel=2)
+            continue
+        found.append(info)
     if not found:
         return None
     return max(found, key=lambda info: (info.step, os.path.getmtime(info.path)))

@@ -14,6 +14,8 @@ import os
 import statistics
 from typing import Dict, Optional
 
+from orchestrator.files import write_json_atomically
+
 HISTORY_FILE = "eval_history.json"
 MIN_PEERS = 2  # other trials that must have reached this step before a trial can be stopped
 
@@ -21,10 +23,7 @@ MIN_PEERS = 2  # other trials that must have reached this step before a trial ca
 def record(run_dir: str, step: int, value: float) -> None:
     history = read_history(os.path.join(run_dir, HISTORY_FILE))
     history[step] = value
-    temporary = os.path.join(run_dir, HISTORY_FILE + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({str(k): v for k, v in history.items()}, handle)
-    os.replace(temporary, os.path.join(run_dir, HISTORY_FILE))  # siblings never read a half-written file
+    write_json_atomically(os.path.join(run_dir, HISTORY_FILE), {str(k): v for k, v in history.items()})
 
 
 def read_history(path: str) -> Dict[int, float]:

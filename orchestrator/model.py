@@ -92,6 +92,14 @@ def transformer_count(config: dict) -> int:
     raise UserError("model.path: config.json names no layer count (num_hidden_layers)")
 
 
+def check_freeze_depth(cfg: ModelConfig, config: dict) -> None:
+    """model.freeze_depth within the model's layers, checked from config.json before anything starts."""
+    layers = transformer_count(config)
+    if cfg.freeze_depth > layers:
+        raise UserError(f"model.freeze_depth={cfg.freeze_depth} is not allowed: {cfg.path} has "
+                        f"{layers} layers (use 0..{layers})")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

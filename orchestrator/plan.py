@@ -11,6 +11,7 @@ The memory arithmetic is in memory.py; this module only compares its numbers.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -61,6 +62,12 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def save(self, run_dir: str) -> None:
+        """<run_dir>/plan.json: what was decided and why, beside the run's results."""
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "plan.json"), "w", encoding="utf-8") as handle:
+            handle.write(self.to_json())
 
 
 def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -> Plan:

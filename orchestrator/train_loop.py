@@ -28,6 +28,7 @@ from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
 from orchestrator.deepspeed_config import deepspeed_config
+from orchestrator.files import write_json_atomically
 from orchestrator.generation_eval import generation_report
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import evaluate
@@ -304,9 +305,7 @@ class Progress:
 
     def record(self, step: int) -> None:
         if self.enabled:
-            with open(self.path + ".tmp", "w", encoding="utf-8") as handle:
-                json.dump({"step": step, "time": time.time()}, handle)
-            os.replace(self.path + ".tmp", self.path)  # never a half-written file
+            write_json_atomically(self.path, {"step": step, "time": time.time()})
 
 
 def inject_fault(fault: Optional[Dict[str, Any]], rank: int, step: int) -> None:
