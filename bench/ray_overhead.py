@@ -231,6 +231,7 @@ def matmul_peak(device, n: int, trials: int = 5, reps: int = 10) -> float:
     """Best of `trials` timings of `reps` n x n x n bf16 products (TFLOP/s)."""
     import torch
 
+    torch.cuda.set_device(device)  # events and products on the same GPU (else other GPUs time as 0)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):

@@ -101,7 +101,8 @@ def run_training(run: RunConfig, plan: Plan):
         if user_error is not None:
             raise user_error from None
         raise
-    export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
+    if run.trainer.save_final:
+        export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
     return result
 
 

@@ -98,7 +98,8 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     console.final_summary(metrics, run)
     for path in save_run_plots(metrics, raw.labels, run.run_dir):
         console.note(f"plot: {path}")
-    write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
+    if run.trainer.save_final:
+        write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
     return metrics
 
 

@@ -32,6 +32,7 @@ EXPORT_DIR = "hf"  # inside the final checkpoint: the consolidated Hugging Face 
 MARKER_DIR = "complete"  # rank_<r>.json per rank, written after everything else of that rank
 RNG_DIR = "rng"  # rank_<r>.pt: Python, NumPy and torch (CPU and CUDA) generator states
 TAG = "zero"
+METRICS_ONLY = "metrics_only.json"  # a final report without weights (trainer.save_final=false)
 SHARD_SIZE = "5GB"  # safetensors files of at most this size: easier to download, mmap and serve
 
 
@@ -53,6 +54,18 @@ def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Di
         os.makedirs(os.path.join(directory, MARKER_DIR))
         with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
             json.dump({"step": step, "world_size": world_size, "rank": rank, "files": files}, handle)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def report_metrics_only(metrics: Dict[str, Any], rank: int) -> None:
+    """trainer.save_final=false: Ray Train hands the driver the metrics of reported checkpoints only, so
+    rank 0 reports a checkpoint that holds just them (resume skips it: it has no weights)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        with open(os.path.join(directory, METRICS_ONLY), "w", encoding="utf-8") as handle:
+            json.dump({"step": metrics.get("step")}, handle)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -163,7 +176,7 @@ def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInf
     paths = {os.path.realpath(path) for directory in search_dirs
              for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True)}
     for path in sorted(paths):
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or os.path.isfile(os.path.join(path, METRICS_ONLY)):
             continue
         info = checkpoint_info(path)
         if info is None:

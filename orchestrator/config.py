@@ -79,6 +79,12 @@ class Launcher(Enum):
     rayjob = "rayjob"  # render (and submit) a KubeRay RayJob
 
 
+class FusedKernels(Enum):
+    auto = "auto"  # on a GPU, for the Llama/Mistral/Qwen families, when liger-kernel is installed
+    on = "on"  # required: fail at once where they cannot run
+    off = "off"
+
+
 class Precision(Enum):
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     bf16 = "bf16"
@@ -96,6 +102,11 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with the model: only for models you trust
     allow_download: bool = False  # fetch a hub id that is not in the local HF cache
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # applied to config.json (e.g. layers)
+    # Liger Kernel's fused RMSNorm/SwiGLU/RoPE, and for causal LM the output projection fused with the loss
+    # (no vocabulary-wide logits in memory); see orchestrator/kernels.py
+    fused_kernels: FusedKernels = FusedKernels.auto
+    # transformers' attention kernel: sdpa, flex_attention (packed rows: skips the blocks across examples), eager
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -151,6 +162,7 @@ class TrainerConfig:
     eval_max_new_tokens: int = 64  # longest generated answer, in tokens
     checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # newest K checkpoints kept
+    save_final: bool = True  # the final checkpoint and Hugging Face export (false: benchmarks, smoke runs)
     max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
     seed: int = 42
     precision: Precision = Precision.auto

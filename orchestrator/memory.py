@@ -14,7 +14,9 @@ Activations per token and layer (bf16, FlashAttention/SDPA: no s x s score matri
     2 x (5 h + 2 kv + 4 I) bytes: inputs of the q/k/v/o projections and norms, and the four I-wide tensors of
     the gated MLP. With activation checkpointing only each layer's input (2 h) is kept, plus one layer's
     full set while it is recomputed. The logits cost 12 bytes x vocabulary per token (bf16 logits, their
-    fp32 copy for the loss, and its gradient). QLoRA's fp32 norms keep the h-wide tensors (norm inputs and
+    fp32 copy for the loss, and its gradient); fused with the output projection (kernels.py) the loss keeps
+    a bf16 gradient of the hidden state and a chunk of fp32 logits as wide as hidden/vocab of the tokens:
+    about 8 x hidden bytes per token. QLoRA's fp32 norms keep the h-wide tensors (norm inputs and
     outputs, the residual stream) in fp32: 2 x 5 h bytes more per token and layer.
 Overhead: CUDA context, NCCL buffers, allocator slack: 1.5 GiB + 8% of the rest.
 """
@@ -78,10 +80,11 @@ class ModelShape:
         maps = [(h, h), (h, kv), (h, kv), (h, h)] + [(h, i), (h, i), (i, h)][: 3 if self.gated_mlp else 2]
         return self.layers * sum(rank * (a + b) for a, b in maps)
 
-    def activation_bytes_per_token(self, checkpointing: bool, fp32_residual: bool = False) -> float:
+    def activation_bytes_per_token(self, checkpointing: bool, fp32_residual: bool = False,
+                                   fused_loss: bool = False) -> float:
         layer = 2 * (5 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate) + (10 * self.hidden if fp32_residual
                                                                                     else 0)
-        logits = 12 * self.vocab
+        logits = 8 * self.hidden if fused_loss else 12 * self.vocab
         if checkpointing:
             return self.layers * 2 * self.hidden + layer + logits
         return self.layers * layer + logits
@@ -108,9 +111,10 @@ class Estimate:
 
 
 def estimate(strategy: str, shape: ModelShape, workers: int, tokens_per_micro_batch: int, checkpointing: bool,
-             lora_rank: int = 16, freeze_depth: int = 0) -> Estimate:
+             lora_rank: int = 16, freeze_depth: int = 0, fused_loss: bool = False) -> Estimate:
     """Peak memory per GPU for one of: full, full_offload, lora, qlora (freeze depth applies to full)."""
-    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing, strategy == "qlora")
+    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing, strategy == "qlora",
+                                                                            fused_loss)
     p = shape.params
     # ZeRO-3 gathers a layer at a time, and prefetches the next: two blocks live, in bf16
     gathered = 2 * min(2 * shape.block_params, LIVE_PARAMETER_LIMIT)

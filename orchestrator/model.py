@@ -129,12 +129,14 @@ def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtyp
                                         **cfg.config_overrides)
     if cfg.init is Init.random:  # built directly on `device` (a GPU initialises 8B weights in seconds)
         with torch.device(device or "cpu"):
-            model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+            model = auto.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                                     attn_implementation=cfg.attn_implementation)
     else:
         quantization = quantization_config(strategy)
         placement = {"device_map": {"": device}} if device is not None and device.type == "cuda" else {}
         model = auto.from_pretrained(path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-                                     quantization_config=quantization, **placement)
+                                     quantization_config=quantization, attn_implementation=cfg.attn_implementation,
+                                     **placement)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if strategy != "full":

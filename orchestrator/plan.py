@@ -15,7 +15,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-from orchestrator.config import Precision, RunConfig, Strategy
+from orchestrator import kernels
+from orchestrator.config import Precision, RunConfig, Strategy, Task
 from orchestrator.errors import UserError
 from orchestrator.memory import GIB, ModelShape, estimate, fits, host_bytes_for_offload
 
@@ -59,6 +60,8 @@ class Plan:
     predicted_gib_per_gpu: Optional[float]
     reason: str  # one sentence: why this plan
     candidates: List[Candidate] = field(default_factory=list)
+    fused_kernels: bool = False  # Liger Kernel (orchestrator/kernels.py)
+    fused_kernels_reason: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -76,11 +79,14 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     workers = resources.gpus if use_gpu else run.cluster.cpu_workers
     tokens = run.trainer.micro_batch_size * run.data.max_length
     forced_checkpointing = run.model.gradient_checkpointing
+    fused, fused_reason = kernels.decide(run.model, model_config, use_gpu)
+    fused_loss = fused and run.model.task is Task.causal_lm
 
     candidates: List[Candidate] = []
     if use_gpu:
         for strategy in ("full", "full_offload", "lora", "qlora"):
-            candidates.append(_candidate(strategy, shape, workers, tokens, resources, run, forced_checkpointing))
+            candidates.append(_candidate(strategy, shape, workers, tokens, resources, run, forced_checkpointing,
+                                         fused_loss))
     strategy, reason = _choose(run.strategy, candidates, resources, workers)
     chosen = next((c for c in candidates if c.strategy == strategy), None)
     if chosen is not None and not chosen.fits:
@@ -106,13 +112,15 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
                 global_batch_size=workers * micro * accum, precision=precision.value,
                 zero_stage=0 if single_worker_peft else 3, offload=strategy == "full_offload",
                 gradient_checkpointing=chosen.checkpointing if chosen else bool(forced_checkpointing),
-                predicted_gib_per_gpu=chosen.gib_per_gpu if chosen else None, reason=reason, candidates=candidates)
+                predicted_gib_per_gpu=chosen.gib_per_gpu if chosen else None, reason=reason, candidates=candidates,
+                fused_kernels=fused, fused_kernels_reason=fused_reason)
 
 
 def _candidate(strategy: str, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
-               run: RunConfig, forced_checkpointing: Optional[bool]) -> Candidate:
+               run: RunConfig, forced_checkpointing: Optional[bool], fused_loss: bool) -> Candidate:
     def predicted(checkpointing: bool):
-        return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth)
+        return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth,
+                        fused_loss)
 
     options = [forced_checkpointing] if forced_checkpointing is not None else [False, True]
     for checkpointing in options:  # without checkpointing first: it is ~30% faster where memory allows
@@ -187,4 +195,5 @@ def describe(plan: Plan, gpu_memory_gb: Optional[float]) -> str:
             f"{plan.grad_accum} accumulation"
             + (f", predicted {plan.predicted_gib_per_gpu:.1f} GiB per GPU{memory}"
                if plan.predicted_gib_per_gpu else "") +
-            f"\nwhy: {plan.reason}")
+            f"\nwhy: {plan.reason}"
+            f"\nfused kernels: {'on' if plan.fused_kernels else 'off'} ({plan.fused_kernels_reason})")

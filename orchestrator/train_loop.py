@@ -21,9 +21,17 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from orchestrator import early_stopping
+from orchestrator import early_stopping, kernels
 from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
-from orchestrator.checkpoint import checkpoint_info, newest_complete_checkpoint, restore, save_and_report, storage_root
+from orchestrator.checkpoint import (
+    METRICS_ONLY,
+    checkpoint_info,
+    newest_complete_checkpoint,
+    report_metrics_only,
+    restore,
+    save_and_report,
+    storage_root,
+)
 from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
@@ -32,7 +40,7 @@ from orchestrator.files import write_json_atomically
 from orchestrator.generation_eval import generation_report
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import evaluate
-from orchestrator.model import build_model, load_tokenizer
+from orchestrator.model import build_model, load_tokenizer, read_model_config
 from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.tracking import Tracker
@@ -75,13 +83,19 @@ def train_loop(config: Dict[str, Any]) -> None:
     schedule = GlobalBatchSchedule(len(data.train), plan.global_batch_size, run.trainer.seed, sample_classes,
                                    row_weights)
     lengths = [len(e.input_ids) for e in data.train]
+    packed_length = run.data.max_length if run.data.packing else None  # one shape per step (collate)
 
     # model: HfDeepSpeedConfig (kept alive) makes transformers build it under deepspeed.zero.Init
     ds_config = deepspeed_config(run, plan)
     zero3_marker = HfDeepSpeedConfig(ds_config) if plan.zero_stage == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+    fused_loss = plan.fused_kernels and task is Task.causal_lm
+    if plan.fused_kernels:
+        kernels.patch_model_classes(read_model_config(run.model)["model_type"])
     model = build_model(run.model, data.labels, dtype, plan.strategy, plan.gradient_checkpointing,
                         device=device if plan.zero_stage == 0 else None)
+    if fused_loss:
+        kernels.attach_fused_loss(model)
     if plan.strategy in ADAPTER_STRATEGIES:
         model = apply_adapter(model, plan.strategy, run.peft, task, run.model.freeze_depth)
     optimizer = make_optimizer(model, run, device, paged=plan.strategy == "qlora")
@@ -98,7 +112,8 @@ def train_loop(config: Dict[str, Any]) -> None:
         saved = restore(engine, directory)
     start_step = saved.get("step", 0)
     history: Dict[str, Any] = saved.get("history") or {"train/loss_history": []}
-    history.setdefault("train/lr_history", [])
+    for key in ("train/lr_history", "train/step_s_history", "train/tokens_history"):
+        history.setdefault(key, [])
     progress = Progress(os.path.join(run.run_dir, "progress.json"), enabled=rank == 0)
     if checkpoint is not None:  # a restart inside this run: the steps since that checkpoint run again
         history["train/restarts"] = history.get("train/restarts", 0) + 1
@@ -122,7 +137,7 @@ def train_loop(config: Dict[str, Any]) -> None:
         inject_fault(config.get("fault"), rank, step + 1)
         started = time.perf_counter()
         timer.start("train")
-        batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id)
+        batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id, packed_length)
                    for rows in schedule.micro_batches(step, rank, world_size, plan.micro_batch_size, lengths)]
         # normalise by the whole global batch's weight: the same gradient however it is split
         totals = torch.tensor([sum(target_weight(b["labels"], task, class_weights) for b in batches),
@@ -135,17 +150,23 @@ def train_loop(config: Dict[str, Any]) -> None:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            loss, _ = loss_terms(engine(**model_inputs(batch)).logits, labels, task, class_weights)
+            if fused_loss:  # the model returns the summed loss itself (kernels.attach_fused_loss)
+                loss = engine(**model_inputs(batch), labels=labels)
+            else:
+                loss, _ = loss_terms(engine(**model_inputs(batch)).logits, labels, task, class_weights)
             # DeepSpeed divides by accumulation steps and averages over ranks: undo both
             engine.backward(loss * (world_size * plan.grad_accum / global_weight))
             engine.step()
             loss_sum += loss.detach().double()
         dist.all_reduce(loss_sum)
-        metrics = {"train/loss": loss_sum.item() / global_weight, "train/lr": lr,
-                   "train/tokens_per_s": global_tokens / (time.perf_counter() - started)}
+        loss_value = loss_sum.item() / global_weight  # waits for the GPU: the step ends here
+        step_s = time.perf_counter() - started
+        metrics = {"train/loss": loss_value, "train/lr": lr, "train/tokens_per_s": global_tokens / step_s}
         timer.stop("train")
         history["train/loss_history"].append(metrics["train/loss"])
         history["train/lr_history"].append(lr)
+        history["train/step_s_history"].append(step_s)  # with tokens_history: throughput after warm-up (bench/)
+        history["train/tokens_history"].append(global_tokens)
         done = step + 1
         stop = False
         if run.trainer.eval_every and done % run.trainer.eval_every == 0 and done < run.trainer.max_steps:
@@ -170,8 +191,11 @@ def train_loop(config: Dict[str, Any]) -> None:
     final = {"step": len(history["train/loss_history"]), **history, **metrics, **final_eval, **timer.seconds(),
              **peak_gpu_memory(device)}
     tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
-    save_and_report(engine, final["step"], final, {"history": history},
-                    export=(model, tokenizer, plan.strategy, run.peft))
+    if run.trainer.save_final:
+        save_and_report(engine, final["step"], final, {"history": history},
+                        export=(model, tokenizer, plan.strategy, run.peft))
+    else:
+        report_metrics_only(final, rank)
 
 
 class PhaseTimer:
@@ -281,8 +305,8 @@ def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:
     """After a worker failure Ray hands back the last checkpoint it registered; one that every rank had
     finished writing may be newer (registration lags the reports), so take the newer of the two."""
     registered = ray.train.get_checkpoint()
-    if registered is None:
-        return None
+    if registered is None or os.path.isfile(os.path.join(registered.path, METRICS_ONLY)):
+        return None  # nothing saved, or only a finished run's metrics (trainer.save_final=false)
     on_disk = newest_complete_checkpoint([os.path.join(storage_root(run), run.name)])
     registered_info = checkpoint_info(registered.path) if os.path.isdir(registered.path) else None
     if on_disk is not None and (registered_info is None or on_disk.step > registered_info.step):

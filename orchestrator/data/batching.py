@@ -104,10 +104,12 @@ def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     return inputs
 
 
-def collate(examples: Sequence[Example], pad_token_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest row of the batch; targets are padded with IGNORE_INDEX. Packed rows also
-    get position_ids; their padding counts from 0 as one more sequence, which no real token attends to."""
-    length = max(len(e.input_ids) for e in examples)
+def collate(examples: Sequence[Example], pad_token_id: int, length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest row of the batch (or to `length`); targets are padded with IGNORE_INDEX. Packed
+    rows also get position_ids; their padding counts from 0 as one more sequence, which no real token attends
+    to. Packed batches are padded to data.max_length: one shape for every step, so kernels compiled for a shape
+    (flex attention) compile once."""
+    length = max([len(e.input_ids) for e in examples] + [length or 0])
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
     for i, example in enumerate(examples):
