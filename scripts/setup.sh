@@ -18,6 +18,8 @@ if [ "$(sha256sum pyproject.toml)" != "$(cat "$STAMP" 2>/dev/null)" ] || \
     python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.4,<2.15" \
       --index-url https://download.pytorch.org/whl/cpu
   fi
-  python -m pip install -q -e ".[dev]"
+  EXTRAS="dev"
+  command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="dev,gpu"  # Liger's fused Triton kernels: GPUs only
+  python -m pip install -q -e ".[$EXTRAS]"
   sha256sum pyproject.toml > "$STAMP"
 fi

@@ -69,3 +69,15 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     actual = (random.random(), np.random.rand(), torch.rand(3))
     assert actual[:2] == expected[:2] and torch.equal(actual[2], expected[2])
+
+
+def test_a_metrics_only_report_is_never_resumed_from(tmp_path):
+    """trainer.save_final=false leaves a checkpoint that holds only metrics: resume=auto passes over it."""
+    import json as _json
+
+    from orchestrator.checkpoint import METRICS_ONLY, newest_complete_checkpoint
+
+    metrics_only = tmp_path / "run" / "checkpoint_2"
+    metrics_only.mkdir(parents=True)
+    (metrics_only / METRICS_ONLY).write_text(_json.dumps({"step": 2}))
+    assert newest_complete_checkpoint([str(tmp_path)]) is None

@@ -95,3 +95,16 @@ def test_data_report_counts_packed_rows_and_fill(tokenizer):
 def test_packing_applies_to_causal_lm_only(tmp_path):
     with pytest.raises(UserError, match="data.packing=True is not allowed: false for model.task=classification"):
         compose_run(["data.packing=true"], tmp_path)
+
+
+def test_packed_batches_take_one_shape_whatever_their_rows():
+    """collate(..., length): every packed step has the same shape (kernels compiled per shape compile once);
+    the padding is one more sequence of its own, masked out of attention and loss."""
+    from orchestrator.data.formats import Example
+
+    rows = [Example([5, 6, 7], [IGNORE_INDEX, 6, 7], [0, 1, 2]), Example([8, 9], [IGNORE_INDEX, 9], [0, 1])]
+    batch = collate(rows, pad_token_id=0, length=6)
+    assert batch["input_ids"].shape == (2, 6)
+    assert batch["attention_mask"].sum().item() == 5
+    assert batch["labels"][0, 3:].tolist() == [IGNORE_INDEX] * 3
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3]

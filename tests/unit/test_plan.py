@@ -105,3 +105,20 @@ def test_the_printed_plan_has_the_table_the_strategy_line_and_why(tmp_path):
     text = describe(plan_for(tmp_path, "llama-3.1-8b", 8, 80), 80)
     for expected in ("candidate", "predicted GiB/GPU", "full_offload", "strategy=full\n", "why: full fine-tuning"):
         assert expected in text
+
+
+def test_fused_kernels_are_planned_printed_and_counted(tmp_path, monkeypatch):
+    """On GPUs with liger-kernel installed the planner turns the fused kernels on, says so, and counts the
+    logits that the fused loss never materialises; model.fused_kernels=off keeps the plain estimate."""
+    from orchestrator import kernels
+
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    fused = plan_for(tmp_path / "a", "llama-3.1-8b", 4, 141, extra=["data.max_length=4096"])
+    plain = plan_for(tmp_path / "b", "llama-3.1-8b", 4, 141,
+                     extra=["data.max_length=4096", "model.fused_kernels=off"])
+    assert fused.fused_kernels and not plain.fused_kernels
+    assert "fused kernels: on (Liger Kernel: RMSNorm, SwiGLU, RoPE, output projection + loss)" in describe(fused, 141)
+    assert "fused kernels: off (model.fused_kernels=off)" in describe(plain, 141)
+    # 4096 tokens x 12 bytes x 128,256 vocabulary = 5.9 GiB of logits, less the fused loss's chunk, plus slack
+    saved = plain.predicted_gib_per_gpu - fused.predicted_gib_per_gpu
+    assert 5.5 < saved < 7.0

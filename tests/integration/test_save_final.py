@@ -1,0 +1,29 @@
+"""trainer.save_final=false (benchmarks, smoke runs): the run's metrics still reach the driver, nothing is
+exported, and a second run in the same directory starts afresh instead of "resuming" from the metrics-only
+report the first one left behind (Ray Train hands a run directory's last reported checkpoint back)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator.__main__ import execute
+from tests.conftest import compose_run
+
+pytestmark = pytest.mark.ray
+
+
+def test_metrics_without_a_saved_model_and_a_clean_rerun(ray_cluster, tmp_path):
+    overrides = ["model=tiny_llama", "data=legal_instructions", "logger.mode=disabled", "trainer.max_steps=2",
+                 "trainer.micro_batch_size=2", "cluster.cpu_workers=1", "data.max_length=64",
+                 "data.max_validation_rows=2", "trainer.eval_generate_rows=0", "trainer.save_final=false",
+                 "data.packing=true"]
+    first = execute(compose_run(overrides, tmp_path))
+    assert len(first["train/loss_history"]) == 2 and all(math.isfinite(x) for x in first["train/loss_history"])
+    assert len(first["train/step_s_history"]) == 2 and all(t > 0 for t in first["train/tokens_history"])
+    assert not (tmp_path / "export").exists()
+
+    second = execute(compose_run(overrides, tmp_path))  # same run directory
+    assert second["train/loss_history"] == pytest.approx(first["train/loss_history"], rel=1e-6)
+    assert "train/restarts" not in second
