@@ -57,6 +57,7 @@ def train_loop(config: Dict[str, Any]) -> None:
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines; our progress says enough
+    quiet_ray_report_lines()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     transformers.logging.set_verbosity_error()
     context = ray.train.get_context()
@@ -196,6 +197,16 @@ def train_loop(config: Dict[str, Any]) -> None:
                         export=(model, tokenizer, plan.strategy, run.peft))
     else:
         report_metrics_only(final, rank)
+
+
+def quiet_ray_report_lines() -> None:
+    """Ray Train (v2) logs every report with its whole metrics dict (our histories: screens of numbers) through
+    a logger named by its file's path, outside "ray.train"; the run's summary and metrics.json say it better."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # another Ray version: its lines stay
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
 class PhaseTimer:
