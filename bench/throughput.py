@@ -181,28 +181,27 @@ def summarise(rows: List[Dict[str, Any]], peaks: List[float], warmup: int) -> No
     for r in rows:
         if "tokens_per_s_per_gpu" in r:
             runs.setdefault((r["system"], r["model"], r["gpus"]), []).append(r["tokens_per_s_per_gpu"])
-    by_key = {key: {"tokens_per_s_per_gpu": sum(v) / len(v)} for key, v in runs.items()}
+    mean = {key: sum(values) / len(values) for key, values in runs.items()}
     peak = min(peaks) if peaks else None
     for r in rows:
         if "tokens_per_s_per_gpu" not in r:
             continue
+        rate = r["tokens_per_s_per_gpu"]
         if r.get("step_seconds") and r.get("step_tokens"):
             per_step = [t / s / r["gpus"] for t, s in zip(r["step_tokens"][warmup:], r["step_seconds"][warmup:])]
             r["median_step_tokens_per_s_per_gpu"] = statistics.median(per_step)
             r["slowest_to_fastest_step"] = max(per_step) / min(per_step)
         if peak:
-            r["mfu"] = r["tokens_per_s_per_gpu"] * r["flops_per_token"] / (peak * 1e12)
-        single = by_key.get((r["system"], r["model"], 1))
+            r["mfu"] = rate * r["flops_per_token"] / (peak * 1e12)
+        single = mean.get((r["system"], r["model"], 1))
         if single and r["gpus"] > 1:
-            r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"]
+            r["scaling_efficiency"] = rate / single
         baseline = {"ours": "trainer", "oursplain": "trainer", "oursflex": "trainer",
                     "ourslora": "trainerlora"}.get(r["system"])
-        other = by_key.get((baseline, r["model"], r["gpus"])) if baseline else None
-        if other:
-            r["vs_trainer"] = r["tokens_per_s_per_gpu"] / other["tokens_per_s_per_gpu"]
-        plain = by_key.get(("oursplain", r["model"], r["gpus"]))
-        if r["system"] == "ours" and plain:
-            r["vs_fused_off"] = r["tokens_per_s_per_gpu"] / plain["tokens_per_s_per_gpu"]
+        if (baseline, r["model"], r["gpus"]) in mean:
+            r["vs_trainer"] = rate / mean[(baseline, r["model"], r["gpus"])]
+        if r["system"] == "ours" and ("oursplain", r["model"], r["gpus"]) in mean:
+            r["vs_fused_off"] = rate / mean[("oursplain", r["model"], r["gpus"])]
             plain = next(p for p in rows if p["system"] == "oursplain" and p["model"] == r["model"]
                          and p["gpus"] == r["gpus"] and "losses" in p)
             pairs = list(zip(r.get("losses", []), plain["losses"]))[:3]

@@ -69,6 +69,11 @@ def report_metrics_only(metrics: Dict[str, Any], rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def metrics_only(path: str) -> bool:
+    """A report_metrics_only checkpoint: metrics, no weights; nothing to resume or restart from."""
+    return os.path.isfile(os.path.join(path, METRICS_ONLY))
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -176,7 +181,7 @@ def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInf
     paths = {os.path.realpath(path) for directory in search_dirs
              for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True)}
     for path in sorted(paths):
-        if not os.path.isdir(path) or os.path.isfile(os.path.join(path, METRICS_ONLY)):
+        if not os.path.isdir(path) or metrics_only(path):
             continue
         info = checkpoint_info(path)
         if info is None:

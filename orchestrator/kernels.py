@@ -35,6 +35,11 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def fuses_loss(fused_kernels: bool, task: Task) -> bool:
+    """The loss is fused into the output head for causal LM only (a classifier's logits are tiny)."""
+    return fused_kernels and task is Task.causal_lm
+
+
 def decide(cfg: ModelConfig, model_config: dict, use_gpu: bool) -> Tuple[bool, str]:
     """(use the fused kernels?, why): the planner's decision, printed with the plan."""
     model_type = model_config.get("model_type", "?")
@@ -52,7 +57,7 @@ def decide(cfg: ModelConfig, model_config: dict, use_gpu: bool) -> Tuple[bool, s
             raise UserError(f"model.fused_kernels=on cannot be met: {'; '.join(blockers)} "
                             "(use model.fused_kernels=auto or off)")
         return False, "; ".join(blockers)
-    what = "RMSNorm, SwiGLU, RoPE" + (", output projection + loss" if cfg.task is Task.causal_lm else "")
+    what = "RMSNorm, SwiGLU, RoPE" + (", output projection + loss" if fuses_loss(True, cfg.task) else "")
     return True, f"Liger Kernel: {what}"
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 from orchestrator import kernels
-from orchestrator.config import Precision, RunConfig, Strategy, Task
+from orchestrator.config import Precision, RunConfig, Strategy
 from orchestrator.errors import UserError
 from orchestrator.memory import GIB, ModelShape, estimate, fits, host_bytes_for_offload
 
@@ -80,7 +80,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     tokens = run.trainer.micro_batch_size * run.data.max_length
     forced_checkpointing = run.model.gradient_checkpointing
     fused, fused_reason = kernels.decide(run.model, model_config, use_gpu)
-    fused_loss = fused and run.model.task is Task.causal_lm
+    fused_loss = kernels.fuses_loss(fused, run.model.task)
 
     candidates: List[Candidate] = []
     if use_gpu:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from orchestrator import early_stopping, kernels
 from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
 from orchestrator.checkpoint import (
-    METRICS_ONLY,
     checkpoint_info,
+    metrics_only,
     newest_complete_checkpoint,
     report_metrics_only,
     restore,
@@ -90,7 +90,7 @@ def train_loop(config: Dict[str, Any]) -> None:
     ds_config = deepspeed_config(run, plan)
     zero3_marker = HfDeepSpeedConfig(ds_config) if plan.zero_stage == 3 else None  # noqa: F841
     dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
-    fused_loss = plan.fused_kernels and task is Task.causal_lm
+    fused_loss = kernels.fuses_loss(plan.fused_kernels, task)
     if plan.fused_kernels:
         kernels.patch_model_classes(read_model_config(run.model)["model_type"])
     model = build_model(run.model, data.labels, dtype, plan.strategy, plan.gradient_checkpointing,
@@ -316,7 +316,7 @@ def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:
     """After a worker failure Ray hands back the last checkpoint it registered; one that every rank had
     finished writing may be newer (registration lags the reports), so take the newer of the two."""
     registered = ray.train.get_checkpoint()
-    if registered is None or os.path.isfile(os.path.join(registered.path, METRICS_ONLY)):
+    if registered is None or metrics_only(registered.path):
         return None  # nothing saved, or only a finished run's metrics (trainer.save_final=false)
     on_disk = newest_complete_checkpoint([os.path.join(storage_root(run), run.name)])
     registered_info = checkpoint_info(registered.path) if os.path.isdir(registered.path) else None
