@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=20, help="timed steps, after the warmup")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--layout", choices=["packed", "padded"], default="packed")
@@ -92,7 +93,7 @@ def training_arguments(args, ds_config) -> TrainingArguments:
     return TrainingArguments(
         output_dir=os.path.join(tempfile.gettempdir(), "hf_baseline"),  # nothing is saved there
         per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-5,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.warmup + args.steps, learning_rate=1e-5,
         lr_scheduler_type="constant", bf16=cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
         **(checkpointing if args.grad_ckpt else {}),  # non-reentrant, as our build_model
         save_strategy="no", eval_strategy="no", report_to=[], logging_steps=1_000_000, dataloader_num_workers=0,
@@ -206,11 +207,15 @@ def summarise(args, timer: StepTimer, tokens: list, losses: list, extra: dict, w
     import peft
     import transformers
 
-    ends = timer.ends
+    ends, accum = timer.ends, args.grad_accum
     step_seconds = [ends[i] - (ends[i - 1] if i else timer.begins[0]) for i in range(len(ends))]
-    global_tokens = reduce_over_ranks([float(t) for t in tokens[: len(ends)]], "SUM")
-    # a rank's Trainer loss is its token-loss sum / the global token count x world size (average_tokens_across_
-    # devices): the mean over ranks is the global per-token loss
+    # tokens and losses come per micro-batch: an optimizer step is `accum` of them in a row
+    tokens = [float(sum(tokens[i * accum:(i + 1) * accum])) for i in range(len(ends))]
+    losses = [sum(losses[i * accum:(i + 1) * accum]) for i in range(len(losses) // accum)]
+    global_tokens = reduce_over_ranks(tokens, "SUM")
+    # a rank's Trainer loss is its token-loss sum / the global token count (over the accumulated micro-batches)
+    # x world size (average_tokens_across_devices): the mean over ranks of the sum over micro-batches is the
+    # global per-token loss
     losses = [x / world_size for x in reduce_over_ranks(losses, "SUM")]
     timed = slice(args.warmup, len(ends))
     memory = [None, None]
@@ -219,7 +224,8 @@ def summarise(args, timer: StepTimer, tokens: list, losses: list, extra: dict, w
                                     torch.cuda.max_memory_reserved() / 2**30], "MAX")
     return {"mode": args.mode, "layout": args.layout, "world_size": world_size, "model": args.model,
             "model_path": resolve_model_path(args.model), "device": args.device, "seq": args.seq,
-            "micro_batch": args.micro_batch, "grad_ckpt": args.grad_ckpt, "warmup": args.warmup, "steps": args.steps,
+            "micro_batch": args.micro_batch, "grad_accum": accum, "grad_ckpt": args.grad_ckpt, "warmup": args.warmup,
+            "steps": args.steps,
             **extra, "step_seconds": step_seconds, "step_tokens": global_tokens,
             "step_compute_seconds": [e - b for b, e in zip(timer.begins, ends)],
             "tokens_per_s_per_gpu": sum(global_tokens[timed]) / sum(step_seconds[timed]) / world_size,
@@ -263,7 +269,8 @@ def main(argv=None) -> None:
     extra["n_params"] = count_params(model)
     timer, collator = StepTimer(args.device == "cuda"), Collator(rows, tokenizer.pad_token_id)
     world_size = training_args.world_size
-    needed = training_args.max_steps * args.micro_batch * world_size  # row indices; the collator cycles the rows
+    # row indices; the collator cycles the rows
+    needed = training_args.max_steps * args.micro_batch * args.grad_accum * world_size
     trainer = BaselineTrainer(model=model, args=training_args, train_dataset=list(range(needed)),
                               data_collator=collator, callbacks=[timer])
     trainer.train()

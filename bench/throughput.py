@@ -71,10 +71,23 @@ def make_rows(directory: Path, rows: int, seed: int = 0) -> Path:
 
 
 def parse_case(name: str) -> Dict[str, Any]:
-    system, model, gpus, *repeat = name.split("-")  # a fourth part (-r2) repeats a case under another name
-    if system not in SYSTEMS or model not in MODELS or not gpus.endswith("gpu") or len(repeat) > 1:
-        raise SystemExit(f"bad case {name}: <{'|'.join(SYSTEMS)}>-<{'|'.join(MODELS)}>-<n>gpu[-r<k>]")
-    return {"name": name, "system": system, "model": model, "gpus": int(gpus[:-3])}
+    """<system>-<model>-<n>gpu, then optional parts: -mb<k> (micro-batch per GPU, else --micro-batch), -acc<k>
+    (micro-batches per optimizer step, else 1), -auto (ours only: the same global batch, micro-batch left to the
+    planner: trainer.micro_batch_size=null), -r<k> (a repeat of the case under another name)."""
+    system, model, gpus, *options = name.split("-")
+    case = {"name": name, "system": system, "model": model, "gpus": int(gpus[:-3]) if gpus[:-3].isdigit() else 0}
+    for option in options:
+        if option == "auto" and system.startswith("ours"):
+            case["auto_micro"] = True
+            continue
+        key = next((k for k in ("mb", "acc", "r") if option.startswith(k) and option[len(k):].isdigit()), None)
+        if key is None:
+            case["gpus"] = 0  # marks the name as bad
+            break
+        case[{"mb": "micro_batch", "acc": "grad_accum", "r": "repeat"}[key]] = int(option[len(key):])
+    if system not in SYSTEMS or model not in MODELS or not gpus.endswith("gpu") or not case["gpus"]:
+        raise SystemExit(f"bad case {name}: <{'|'.join(SYSTEMS)}>-<{'|'.join(MODELS)}>-<n>gpu[-mb<k>][-acc<k>][-auto][-r<k>]")
+    return case
 
 
 def run_ours(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, Any]:
@@ -83,7 +96,7 @@ def run_ours(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, Any
     lora = case["system"] == "ourslora"
     overrides = ["model=tiny_llama", f"model.path={MODELS[case['model']]}", f"model.tokenizer_path={args.tokenizer}",
                  "data=legal_instructions", f"data.path={data}", "data.packing=true", f"data.max_length={args.seq}",
-                 "data.max_validation_rows=2", f"trainer.micro_batch_size={args.micro_batch}",
+                 "data.max_validation_rows=2", *batch_overrides(case, args),
                  f"trainer.max_steps={args.warmup + args.steps}", "trainer.eval_generate_rows=0",
                  "trainer.save_final=false", "logger.mode=disabled", f"strategy={'lora' if lora else 'full'}",
                  f"hydra.run.dir={run_dir}"]
@@ -107,7 +120,8 @@ def run_ours(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, Any
             "command_to_first_step_s": metrics["time/first_step_at"] - launched,
             "losses": metrics["train/loss_history"], "fused_kernels": plan.get("fused_kernels"),
             "step_seconds": metrics["train/step_s_history"], "step_tokens": metrics["train/tokens_history"],
-            "gradient_checkpointing": plan["gradient_checkpointing"], "strategy": plan["strategy"]}
+            "gradient_checkpointing": plan["gradient_checkpointing"], "strategy": plan["strategy"],
+            "planned_layout": [plan["micro_batch_size"], plan["grad_accum"]]}
 
 
 def run_trainer(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, Any]:
@@ -117,7 +131,8 @@ def run_trainer(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, 
     result_file = Path(args.scratch) / f"{case['name']}.json"
     base = ["bench/hf_baseline.py", "--mode", "lora" if lora else "zero3", "--model", MODELS[case["model"]],
             "--tokenizer", args.tokenizer, "--data", str(data), "--seq", str(args.seq),
-            "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--micro-batch", str(micro_batch(case, args)), "--grad-accum", str(case.get("grad_accum", 1)),
+            "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--layout", "packed", "--device", args.device, "--out", str(result_file)]
     for checkpointing in (False, True):
         launched = time.time()
@@ -133,6 +148,18 @@ def run_trainer(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, 
         if "out of memory" not in log.read_text(errors="replace").lower():
             break
     return {"error": f"exit {code}, see {log.name}"}
+
+
+def micro_batch(case: Dict[str, Any], args) -> int:
+    return case.get("micro_batch", args.micro_batch)
+
+
+def batch_overrides(case: Dict[str, Any], args) -> List[str]:
+    """The case's batch layout, or (-auto) only its global batch, split by the planner."""
+    micro, accum = micro_batch(case, args), case.get("grad_accum", 1)
+    if case.get("auto_micro"):
+        return ["trainer.micro_batch_size=null", f"trainer.global_batch_size={case['gpus'] * micro * accum}"]
+    return [f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}"]
 
 
 def env_for(case: Dict[str, Any], args) -> Dict[str, str]:
@@ -175,12 +202,20 @@ def measure_peaks(device: str) -> List[float]:
 
 
 def summarise(rows: List[Dict[str, Any]], peaks: List[float], warmup: int) -> None:
-    """MFU, scaling efficiency against the same system's 1-GPU case, ratios ours/trainer at equal GPUs; the
-    median of the timed steps' own tokens/s/GPU beside the window's mean (single steps vary a lot here)."""
+    """MFU; scaling efficiency against the same system's 1-GPU case with the same batch layout; ratios
+    ours/trainer at equal GPUs and equal global batch (rows per GPU per optimizer step = micro x accumulation,
+    however each system splits them); the median of the timed steps' own tokens/s/GPU beside the window's mean
+    (single steps vary a lot here)."""
+    def layout(r):
+        return r.get("micro_batch", 1), r.get("grad_accum", 1)
+
+    def rows_per_step(r):
+        return layout(r)[0] * layout(r)[1]
+
     runs: Dict[tuple, List[float]] = {}  # repeated cases: compared by their mean
     for r in rows:
         if "tokens_per_s_per_gpu" in r:
-            runs.setdefault((r["system"], r["model"], r["gpus"]), []).append(r["tokens_per_s_per_gpu"])
+            runs.setdefault((r["system"], r["model"], r["gpus"], layout(r)), []).append(r["tokens_per_s_per_gpu"])
     mean = {key: sum(values) / len(values) for key, values in runs.items()}
     peak = min(peaks) if peaks else None
     for r in rows:
@@ -193,17 +228,19 @@ def summarise(rows: List[Dict[str, Any]], peaks: List[float], warmup: int) -> No
             r["slowest_to_fastest_step"] = max(per_step) / min(per_step)
         if peak:
             r["mfu"] = rate * r["flops_per_token"] / (peak * 1e12)
-        single = mean.get((r["system"], r["model"], 1))
+        single = mean.get((r["system"], r["model"], 1, layout(r)))
         if single and r["gpus"] > 1:
             r["scaling_efficiency"] = rate / single
         baseline = {"ours": "trainer", "oursplain": "trainer", "oursflex": "trainer",
                     "ourslora": "trainerlora"}.get(r["system"])
-        if (baseline, r["model"], r["gpus"]) in mean:
-            r["vs_trainer"] = rate / mean[(baseline, r["model"], r["gpus"])]
-        if r["system"] == "ours" and ("oursplain", r["model"], r["gpus"]) in mean:
-            r["vs_fused_off"] = rate / mean[("oursplain", r["model"], r["gpus"])]
+        trainer = [v for (system, model, gpus, (mb, acc)), v in mean.items()
+                   if (system, model, gpus, mb * acc) == (baseline, r["model"], r["gpus"], rows_per_step(r))]
+        if trainer:
+            r["vs_trainer"] = rate / (sum(trainer) / len(trainer))
+        if r["system"] == "ours" and ("oursplain", r["model"], r["gpus"], layout(r)) in mean:
+            r["vs_fused_off"] = rate / mean[("oursplain", r["model"], r["gpus"], layout(r))]
             plain = next(p for p in rows if p["system"] == "oursplain" and p["model"] == r["model"]
-                         and p["gpus"] == r["gpus"] and "losses" in p)
+                         and p["gpus"] == r["gpus"] and layout(p) == layout(r) and "losses" in p)
             pairs = list(zip(r.get("losses", []), plain["losses"]))[:3]
             r["first_losses_rel_diff_vs_fused_off"] = [abs(a - b) / abs(b) for a, b in pairs]
 
@@ -212,15 +249,16 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
-    print("| case | tokens/s/GPU | median step tokens/s/GPU | slowest/fastest step | step s | MFU | max alloc GiB | "
+    print("| case | micro x accum | tokens/s/GPU | median step tokens/s/GPU | slowest/fastest step | step s | MFU | max alloc GiB | "
           "max reserved GiB | act. ckpt | fused | cmd→first step s | scaling | vs Trainer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error']} |")
             continue
         median = fmt(r.get("median_step_tokens_per_s_per_gpu"), ",.0f")
-        print(f"| {r['name']} | {r['tokens_per_s_per_gpu']:,.0f} | {median} | "
+        print(f"| {r['name']} | {r.get('micro_batch', 1)} x {r.get('grad_accum', 1)} | "
+              f"{r['tokens_per_s_per_gpu']:,.0f} | {median} | "
               f"{fmt(r.get('slowest_to_fastest_step'), '.2f')} | {r['step_s']:.3f} | {fmt(r.get('mfu'), '.1%')} | "
               f"{fmt(r.get('max_allocated_gib'), '.1f')} | {fmt(r.get('max_reserved_gib'), '.1f')} | "
               f"{'yes' if r.get('gradient_checkpointing') else 'no'} | {fmt(r.get('fused_kernels'), '')} | "
@@ -274,8 +312,10 @@ def main() -> None:
             figures = runner(case, args, data, log)
         except Exception as err:  # noqa: BLE001  (one failed case must not lose the others' figures)
             figures = {"error": f"{type(err).__name__}: {err}"}
+        # the layout the run used: the planner's where -auto left it the choice
+        micro, accum = figures.get("planned_layout") or (micro_batch(case, args), case.get("grad_accum", 1))
         row = {**model_flops_per_token(case["model"], args.seq, "lora" in case["system"]), **figures, **case,
-               "seq": args.seq, "micro_batch": args.micro_batch, "wall_s": time.time() - case_started}
+               "seq": args.seq, "micro_batch": micro, "grad_accum": accum, "wall_s": time.time() - case_started}
         report["rows"].append(row)
         summarise(report["rows"], report["peaks_tflops"], args.warmup)
         print(f"{name}: " + (row["error"] if "error" in row else f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "

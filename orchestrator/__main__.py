@@ -88,6 +88,8 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     plan = make_plan(run, resources, model_config)
     print(describe(plan, resources.gpu_memory_gb), flush=True)
     plan.save(run.run_dir)
+    # null left the micro-batch to the planner; from here on the run holds its pick (evaluation batches, model card)
+    run.trainer.micro_batch_size = plan.micro_batch_size
     if run.dry_run:
         return {}
     result = run_training(run, plan)

@@ -151,7 +151,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 100  # optimizer steps
-    micro_batch_size: int = 8  # rows per worker per forward pass
+    # rows per worker per forward pass; null = the planner picks the largest that fits (needs global_batch_size)
+    micro_batch_size: Optional[int] = 8
     grad_accum: int = 1  # micro-batches per optimizer step (ignored when global_batch_size is set)
     global_batch_size: Optional[int] = None  # rows per optimizer step; sets grad_accum = this / (workers * micro)
     eval_every: int = 0  # steps between evaluations (0 = only before and after training)
@@ -274,7 +275,10 @@ def validate(run: RunConfig) -> None:
     """Checks that types cannot express. Each failure names the key, the value and what is allowed."""
     t, o, m, d, p = run.trainer, run.optim, run.model, run.data, run.peft
     _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
-    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size,
+           "an integer >= 1, or null (the planner picks the largest that fits)")
+    _check(t.micro_batch_size is not None or t.global_batch_size is not None, "trainer.micro_batch_size",
+           t.micro_batch_size, "null only with trainer.global_batch_size set (the planner splits that batch)")
     _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "an integer >= 1")
     _check(t.global_batch_size is None or t.global_batch_size >= 1, "trainer.global_batch_size",
            t.global_batch_size, "an integer >= 1, or null")

@@ -85,3 +85,28 @@ def test_zero3_padded_two_processes(data_dir, tmp_path):
     timed = result["step_tokens"][WARMUP:]
     expected = sum(timed) / sum(result["step_seconds"][WARMUP:]) / 2
     assert result["tokens_per_s_per_gpu"] == pytest.approx(expected) and result["command_to_first_step_s"] > 0
+
+
+def test_lora_grad_accum_counts_whole_optimizer_steps(data_dir, tmp_path):
+    """--grad-accum 2: each optimizer step is two micro-batches; tokens and losses are per optimizer step."""
+    result = run_baseline([sys.executable], data_dir, tmp_path / "acc.json", "--mode", "lora", "--layout", "packed",
+                          "--grad-accum", "2")
+    assert result["grad_accum"] == 2 and len(result["step_seconds"]) == WARMUP + STEPS
+    lengths = row_tokens(data_dir, packed=True)
+    per_step = 2 * MICRO
+    assert result["step_tokens"] == [sum(lengths[i * per_step: (i + 1) * per_step]) for i in range(WARMUP + STEPS)]
+    # each micro-batch's loss is its share of the step's per-token loss: their sum is about ln(vocab) at init
+    assert len(result["losses"]) == WARMUP + STEPS and abs(result["losses"][0] - math.log(30522)) < 1.0
+
+
+def test_throughput_case_names():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from throughput import parse_case
+
+    assert parse_case("ours-8b-2gpu") == {"name": "ours-8b-2gpu", "system": "ours", "model": "8b", "gpus": 2}
+    case = parse_case("trainer-1b-4gpu-mb2-acc4-r2")
+    assert (case["micro_batch"], case["grad_accum"], case["repeat"], case["gpus"]) == (2, 4, 2, 4)
+    assert parse_case("ours-1b-2gpu-mb1-acc8-auto")["auto_micro"] is True
+    for bad in ("ours-1b-2gpu-x3", "ours-1b-gpu", "mine-1b-2gpu", "ours-1b-2gpu-mb", "trainer-1b-2gpu-auto"):
+        with pytest.raises(SystemExit):
+            parse_case(bad)

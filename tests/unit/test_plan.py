@@ -113,12 +113,53 @@ def test_fused_kernels_are_planned_printed_and_counted(tmp_path, monkeypatch):
     from orchestrator import kernels
 
     monkeypatch.setattr(kernels, "liger_installed", lambda: True)
-    fused = plan_for(tmp_path / "a", "llama-3.1-8b", 4, 141, extra=["data.max_length=4096"])
-    plain = plan_for(tmp_path / "b", "llama-3.1-8b", 4, 141,
-                     extra=["data.max_length=4096", "model.fused_kernels=off"])
+    one_row = ["data.max_length=4096", "trainer.micro_batch_size=1"]
+    fused = plan_for(tmp_path / "a", "llama-3.1-8b", 4, 141, extra=one_row)
+    plain = plan_for(tmp_path / "b", "llama-3.1-8b", 4, 141, extra=[*one_row, "model.fused_kernels=off"])
     assert fused.fused_kernels and not plain.fused_kernels
     assert "fused kernels: on (Liger Kernel: RMSNorm, SwiGLU, RoPE, output projection + loss)" in describe(fused, 141)
     assert "fused kernels: off (model.fused_kernels=off)" in describe(plain, 141)
     # 4096 tokens x 12 bytes x 128,256 vocabulary = 5.9 GiB of logits, less the fused loss's chunk, plus slack
     saved = plain.predicted_gib_per_gpu - fused.predicted_gib_per_gpu
     assert 5.5 < saved < 7.0
+
+
+def test_planner_picks_the_largest_micro_batch_that_fits(tmp_path):
+    """trainer.micro_batch_size=null (legal_full): the largest divisor of the rows per worker per step that fits
+    without activation checkpointing; the next larger divisor would not fit. The same global batch either way."""
+    for model, gpus, memory, global_batch, micro in (("llama-3.2-1b", 2, 140, 16, 8),  # bench/RESULTS.md's cases
+                                                     ("llama-3.1-8b", 2, 140, 8, 2),
+                                                     ("llama-3.1-8b", 8, 80, 64, 2)):
+        plan = plan_for(tmp_path, model, gpus, memory, extra=["data.max_length=4096", "model.fused_kernels=off",
+                                                              f"trainer.global_batch_size={global_batch}"])
+        assert (plan.strategy, plan.micro_batch_size) == ("full", micro), (model, gpus, memory)
+        assert plan.grad_accum == global_batch // (gpus * micro) and plan.global_batch_size == global_batch
+        assert not plan.gradient_checkpointing and plan.predicted_gib_per_gpu <= memory
+        rows = global_batch // gpus
+        larger = [d for d in range(micro + 1, rows + 1) if rows % d == 0]
+        s = ModelShape.from_config(shape(model))
+        assert not larger or estimate("full", s, gpus, larger[0] * 4096, False).gib > memory
+        assert f"micro-batch: {micro}: the largest divisor of the {rows} rows per worker" in describe(plan, memory)
+
+
+def test_micro_batch_auto_uses_checkpointing_only_when_no_micro_batch_fits_without(tmp_path):
+    plan = plan_for(tmp_path, "llama-3.1-8b", 8, 40, extra=["data.max_length=4096", "model.fused_kernels=off"])
+    assert plan.strategy == "full" and plan.gradient_checkpointing and plan.micro_batch_size >= 1
+    assert "with activation checkpointing" in plan.micro_batch_reason
+    assert plan.predicted_gib_per_gpu <= 40
+
+
+def test_micro_batch_auto_on_cpu_takes_all_rows_per_worker_in_one_pass(tmp_path):
+    run = compose_run(["trainer.micro_batch_size=null", "trainer.global_batch_size=8"], tmp_path)
+    plan = make_plan(run, ClusterResources(nodes=1, gpus_per_node=0, gpu_memory_gb=None, cpus=2),
+                     shape("tiny-llama"))
+    assert (plan.num_workers, plan.micro_batch_size, plan.grad_accum) == (2, 4, 1)
+
+
+def test_micro_batch_auto_needs_a_global_batch_that_divides_over_the_workers(tmp_path):
+    with pytest.raises(UserError, match=r"trainer.micro_batch_size=None is not allowed: null only with "
+                                        r"trainer.global_batch_size set"):
+        compose_run(["trainer.micro_batch_size=null"], tmp_path)
+    with pytest.raises(UserError, match=r"trainer.global_batch_size=12 is not allowed: it must be a multiple of "
+                                        r"the 8 workers"):
+        plan_for(tmp_path, "llama-3.1-8b", 8, 80, extra=["trainer.global_batch_size=12"])

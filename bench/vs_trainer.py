@@ -1,0 +1,66 @@
+"""Ours against Trainer, pair by pair, from bench/throughput.py results files (for bench/RESULTS.md).
+
+A pair is one of our runs and the Trainer runs of the same call with the same model, GPU count and batch layout
+(micro-batch x accumulation; several Trainer runs: their mean): the same machine and minutes, so machine-to-machine
+variation cancels. Ratios by the timed window's tokens/s/GPU and by the median step's; over all pairs of one model
+and GPU count: mean, sample standard deviation and the 95% t-interval of the mean.
+
+Usage: python bench/vs_trainer.py bench/results/throughput_8b_2xh200_call6.json bench/results/...call7.json ...
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from scipy import stats
+
+
+def pairs(path: Path) -> List[Dict]:
+    rows = [r for r in json.loads(path.read_text())["rows"] if "tokens_per_s_per_gpu" in r]
+    found = []
+    for ours in (r for r in rows if r["system"] == "ours"):
+        key = (ours["model"], ours["gpus"], ours.get("micro_batch", 1), ours.get("grad_accum", 1))
+        trainers = [r for r in rows if r["system"] == "trainer"
+                    and (r["model"], r["gpus"], r.get("micro_batch", 1), r.get("grad_accum", 1)) == key]
+        if not trainers:
+            continue
+        window = statistics.mean(t["tokens_per_s_per_gpu"] for t in trainers)
+        medians = [r.get("median_step_tokens_per_s_per_gpu") for r in (ours, *trainers)]
+        median = (medians[0] / statistics.mean(medians[1:])) if None not in medians else None  # older files
+        found.append({"file": path.name, "ours": ours["name"], "trainer": ", ".join(t["name"] for t in trainers),
+                      "key": key, "window": ours["tokens_per_s_per_gpu"] / window, "median": median})
+    return found
+
+
+def interval(values: List[float]) -> str:
+    n = len(values)
+    if not n:
+        return "no pairs"
+    mean = statistics.mean(values)
+    if n < 2:
+        return f"{n} pair: {mean:.3f}"
+    sd = statistics.stdev(values)
+    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+    return f"{n} pairs: mean {mean:.3f}, sd {sd:.3f}, 95% interval {mean - half:.3f}-{mean + half:.3f}"
+
+
+def main(paths: List[str]) -> None:
+    found = [p for path in paths for p in pairs(Path(path))]
+    print("| file | ours | Trainer | model, GPUs, micro x accum | ours/Trainer (window) | ours/Trainer (median step) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for p in found:
+        model, gpus, micro, accum = p["key"]
+        print(f"| {p['file']} | {p['ours']} | {p['trainer']} | {model}, {gpus}, {micro} x {accum} | "
+              f"{p['window']:.3f} | {'' if p['median'] is None else format(p['median'], '.3f')} |")
+    for key in sorted({p["key"] for p in found}):
+        group = [p for p in found if p["key"] == key]
+        print(f"{key[0]} on {key[1]} GPUs, {key[2]} x {key[3]}: window {interval([p['window'] for p in group])}; "
+              f"median step {interval([p['median'] for p in group if p['median'] is not None])}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
