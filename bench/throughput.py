@@ -86,7 +86,8 @@ def parse_case(name: str) -> Dict[str, Any]:
             break
         case[{"mb": "micro_batch", "acc": "grad_accum", "r": "repeat"}[key]] = int(option[len(key):])
     if system not in SYSTEMS or model not in MODELS or not gpus.endswith("gpu") or not case["gpus"]:
-        raise SystemExit(f"bad case {name}: <{'|'.join(SYSTEMS)}>-<{'|'.join(MODELS)}>-<n>gpu[-mb<k>][-acc<k>][-auto][-r<k>]")
+        raise SystemExit(f"bad case {name}: <{'|'.join(SYSTEMS)}>-<{'|'.join(MODELS)}>-<n>gpu"
+                         "[-mb<k>][-acc<k>][-auto][-r<k>]")
     return case
 
 
@@ -249,8 +250,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
-    print("| case | micro x accum | tokens/s/GPU | median step tokens/s/GPU | slowest/fastest step | step s | MFU | max alloc GiB | "
-          "max reserved GiB | act. ckpt | fused | cmd→first step s | scaling | vs Trainer |")
+    print("| case | micro x accum | tokens/s/GPU | median step tokens/s/GPU | slowest/fastest step | step s | MFU | "
+          "max alloc GiB | max reserved GiB | act. ckpt | fused | cmd→first step s | scaling | vs Trainer |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
@@ -288,6 +289,8 @@ def main() -> None:
         report = json.loads((out / f"{args.tag}.json").read_text())
         for row in report["rows"]:
             row.update(parse_case(row["name"]))  # the case's own names win over what a baseline's JSON said
+            if row.get("planned_layout"):  # -auto: the layout the planner picked, not the name's
+                row["micro_batch"], row["grad_accum"] = row["planned_layout"]
             row.update(model_flops_per_token(row["model"], row["seq"], "lora" in row["system"]))
         summarise(report["rows"], report["peaks_tflops"], args.warmup)
         (out / f"{args.tag}.json").write_text(json.dumps(report, indent=1))

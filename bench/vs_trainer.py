@@ -36,6 +36,28 @@ def pairs(path: Path) -> List[Dict]:
     return found
 
 
+def layouts(path: Path) -> List[str]:
+    """Our runs of one call with the same model, GPUs and rows per GPU per step, split differently: the mean
+    tokens/s/GPU of each layout and its ratio to the layout with the most accumulation (the lever the planner's
+    micro-batch pick pulls)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if "tokens_per_s_per_gpu" in r and r["system"] == "ours"]
+    groups: Dict[tuple, Dict[tuple, List[float]]] = {}
+    for r in rows:
+        micro, accum = r.get("micro_batch", 1), r.get("grad_accum", 1)
+        groups.setdefault((r["model"], r["gpus"], micro * accum), {}).setdefault((micro, accum), []).append(
+            r["tokens_per_s_per_gpu"])
+    lines = []
+    for (model, gpus, per_step), by_layout in sorted(groups.items()):
+        if len(by_layout) < 2:
+            continue
+        means = {layout: statistics.mean(v) for layout, v in by_layout.items()}
+        base = means[max(means, key=lambda layout: layout[1])]
+        lines.append(f"{path.name}: ours, {model} on {gpus} GPUs, {per_step} rows per GPU per step: " + "; ".join(
+            f"{m} x {a}: {v:,.0f} tokens/s/GPU ({len(by_layout[(m, a)])} runs), {v / base:.2f}x"
+            for (m, a), v in sorted(means.items(), reverse=True)))
+    return lines
+
+
 def interval(values: List[float]) -> str:
     n = len(values)
     if not n:
@@ -56,6 +78,8 @@ def main(paths: List[str]) -> None:
         model, gpus, micro, accum = p["key"]
         print(f"| {p['file']} | {p['ours']} | {p['trainer']} | {model}, {gpus}, {micro} x {accum} | "
               f"{p['window']:.3f} | {'' if p['median'] is None else format(p['median'], '.3f')} |")
+    for line in (line for path in paths for line in layouts(Path(path))):
+        print(line)
     for key in sorted({p["key"] for p in found}):
         group = [p for p in found if p["key"] == key]
         print(f"{key[0]} on {key[1]} GPUs, {key[2]} x {key[3]}: window {interval([p['window'] for p in group])}; "

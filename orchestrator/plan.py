@@ -25,6 +25,9 @@ from orchestrator.errors import UserError
 from orchestrator.memory import GIB, ModelShape, estimate, fits, host_bytes_for_offload
 
 PEFT_STRATEGIES = ("lora", "qlora")
+# the micro-batch pick fills at most this share of a GPU: the estimate ran 2-4% above the measured peaks where
+# checked (bench/RESULTS.md), and an out-of-memory error would lose the run
+MICRO_BATCH_MEMORY_SHARE = 0.9
 
 
 @dataclass
@@ -101,6 +104,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     if auto_micro:
         micro, micro_reason = _largest_micro_batch(strategy, shape, workers, resources, run, fused_loss)
         candidates = candidates_for(micro)
+        reason += "; strategies compared at one row per micro-batch, before the micro-batch was picked"
     chosen = next((c for c in candidates if c.strategy == strategy), None)
     if chosen is not None and not chosen.fits:
         raise UserError(f"strategy={strategy} does not fit: predicted {chosen.gib_per_gpu:.1f} GiB per GPU "
@@ -146,11 +150,12 @@ def _largest_micro_batch(strategy: str, shape: ModelShape, workers: int, resourc
         for micro in divisors:
             predicted = estimate(strategy, shape, workers, micro * run.data.max_length, checkpointing,
                                  run.peft.rank, run.model.freeze_depth, fused_loss)
-            if fits(predicted, resources.gpu_memory_gb):
+            if fits(predicted, resources.gpu_memory_gb * MICRO_BATCH_MEMORY_SHARE):
                 how = "with activation checkpointing" if checkpointing else "without activation checkpointing"
                 return micro, (f"{micro}: the largest divisor of the {rows} rows per worker per step that fits "
-                               f"{how} ({predicted.gib:.1f} GiB predicted); fewer, larger micro-batches mean "
-                               "fewer ZeRO-3 gathers per step")
+                               f"{MICRO_BATCH_MEMORY_SHARE:.0%} of the GPU {how} ({predicted.gib:.1f} GiB "
+                               "predicted); fewer, larger micro-batches do the same work in fewer passes (under "
+                               "ZeRO-3: fewer gathers of every layer)")
     return 1, f"1: no micro-batch of the {rows} rows per worker fits; the strategy's check says by how much"
 
 

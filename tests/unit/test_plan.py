@@ -9,7 +9,7 @@ import pytest
 from orchestrator.errors import UserError
 from orchestrator.memory import ModelShape, estimate
 from orchestrator.model import BUILTIN_CONFIGS
-from orchestrator.plan import ClusterResources, describe, make_plan
+from orchestrator.plan import MICRO_BATCH_MEMORY_SHARE, ClusterResources, describe, make_plan
 from tests.conftest import compose_run
 
 
@@ -126,10 +126,11 @@ def test_fused_kernels_are_planned_printed_and_counted(tmp_path, monkeypatch):
 
 def test_planner_picks_the_largest_micro_batch_that_fits(tmp_path):
     """trainer.micro_batch_size=null (legal_full): the largest divisor of the rows per worker per step that fits
-    without activation checkpointing; the next larger divisor would not fit. The same global batch either way."""
+    without activation checkpointing, within 90% of the GPU; the next larger divisor would not fit. The same global
+    batch either way."""
     for model, gpus, memory, global_batch, micro in (("llama-3.2-1b", 2, 140, 16, 8),  # bench/RESULTS.md's cases
                                                      ("llama-3.1-8b", 2, 140, 8, 2),
-                                                     ("llama-3.1-8b", 8, 80, 64, 2)):
+                                                     ("llama-3.1-8b", 8, 80, 64, 1)):
         plan = plan_for(tmp_path, model, gpus, memory, extra=["data.max_length=4096", "model.fused_kernels=off",
                                                               f"trainer.global_batch_size={global_batch}"])
         assert (plan.strategy, plan.micro_batch_size) == ("full", micro), (model, gpus, memory)
@@ -138,7 +139,7 @@ def test_planner_picks_the_largest_micro_batch_that_fits(tmp_path):
         rows = global_batch // gpus
         larger = [d for d in range(micro + 1, rows + 1) if rows % d == 0]
         s = ModelShape.from_config(shape(model))
-        assert not larger or estimate("full", s, gpus, larger[0] * 4096, False).gib > memory
+        assert not larger or estimate("full", s, gpus, larger[0] * 4096, False).gib > memory * MICRO_BATCH_MEMORY_SHARE
         assert f"micro-batch: {micro}: the largest divisor of the {rows} rows per worker" in describe(plan, memory)
 
 
