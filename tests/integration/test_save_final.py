@@ -27,3 +27,19 @@ def test_metrics_without_a_saved_model_and_a_clean_rerun(ray_cluster, tmp_path):
     second = execute(compose_run(overrides, tmp_path))  # same run directory
     assert second["train/loss_history"] == pytest.approx(first["train/loss_history"], rel=1e-6)
     assert "train/restarts" not in second
+
+
+def test_micro_batch_left_to_the_planner(ray_cluster, tmp_path):
+    """trainer.micro_batch_size=null: on CPU workers the planner takes each worker's rows in one pass; the run
+    trains with that layout and holds the pick afterwards (evaluation batches, the model card)."""
+    import json
+
+    run = compose_run(["model=tiny_llama", "data=legal_instructions", "logger.mode=disabled", "trainer.max_steps=1",
+                       "trainer.micro_batch_size=null", "trainer.global_batch_size=4", "cluster.cpu_workers=1",
+                       "data.max_length=64", "data.max_validation_rows=2", "trainer.eval_generate_rows=0",
+                       "trainer.save_final=false"], tmp_path)
+    metrics = execute(run)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert (plan["micro_batch_size"], plan["grad_accum"], plan["global_batch_size"]) == (4, 1, 4)
+    assert plan["micro_batch_reason"].startswith("4: all 4 rows per worker in one pass")
+    assert run.trainer.micro_batch_size == 4 and math.isfinite(metrics["train/loss_history"][0])
