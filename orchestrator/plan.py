@@ -145,6 +145,9 @@ def _largest_micro_batch(strategy: str, shape: ModelShape, workers: int, resourc
     divisors = [d for d in range(rows, 0, -1) if rows % d == 0]
     if resources.gpus == 0:
         return rows, f"{rows}: all {rows} rows per worker in one pass (CPU workers: no GPU memory to fit)"
+    if resources.gpu_memory_gb is None:
+        return rows, (f"{rows}: all {rows} rows per worker in one pass (GPU memory unknown: set "
+                      "cluster.gpu_memory_gb to have the pick fit it)")
     forced = run.model.gradient_checkpointing
     for checkpointing in [forced] if forced is not None else [False, True]:
         for micro in divisors:

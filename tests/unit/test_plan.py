@@ -157,6 +157,13 @@ def test_micro_batch_auto_on_cpu_takes_all_rows_per_worker_in_one_pass(tmp_path)
     assert (plan.num_workers, plan.micro_batch_size, plan.grad_accum) == (2, 4, 1)
 
 
+def test_micro_batch_auto_with_unknown_gpu_memory_says_so(tmp_path):
+    run = compose_run(["+experiment=legal_full"], tmp_path)
+    unknown_memory = ClusterResources(nodes=1, gpus_per_node=8, gpu_memory_gb=None, cpus=64)
+    plan = make_plan(run, unknown_memory, shape("llama-3.2-1b"))
+    assert plan.micro_batch_size == 8 and "GPU memory unknown: set cluster.gpu_memory_gb" in plan.micro_batch_reason
+
+
 def test_micro_batch_auto_needs_a_global_batch_that_divides_over_the_workers(tmp_path):
     with pytest.raises(UserError, match=r"trainer.micro_batch_size=None is not allowed: null only with "
                                         r"trainer.global_batch_size set"):
