@@ -130,9 +130,10 @@ def run_trainer(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, 
     gradient checkpointing if it runs out of memory without."""
     lora = case["system"] == "trainerlora"
     result_file = Path(args.scratch) / f"{case['name']}.json"
+    micro, accum = layout(case, args.micro_batch)
     base = ["bench/hf_baseline.py", "--mode", "lora" if lora else "zero3", "--model", MODELS[case["model"]],
             "--tokenizer", args.tokenizer, "--data", str(data), "--seq", str(args.seq),
-            "--micro-batch", str(micro_batch(case, args)), "--grad-accum", str(case.get("grad_accum", 1)),
+            "--micro-batch", str(micro), "--grad-accum", str(accum),
             "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--layout", "packed", "--device", args.device, "--out", str(result_file)]
     for checkpointing in (False, True):
@@ -151,13 +152,17 @@ def run_trainer(case: Dict[str, Any], args, data: Path, log: Path) -> Dict[str, 
     return {"error": f"exit {code}, see {log.name}"}
 
 
-def micro_batch(case: Dict[str, Any], args) -> int:
-    return case.get("micro_batch", args.micro_batch)
+def layout(case: Dict[str, Any], default_micro: int, figures: Dict[str, Any] = None) -> tuple:
+    """(micro-batch, accumulation) of a case: the planner's pick where a run reported one (-auto), else the
+    case name's, else default_micro (the --micro-batch the case ran with) and no accumulation."""
+    if figures and figures.get("planned_layout"):
+        return tuple(figures["planned_layout"])
+    return case.get("micro_batch", default_micro), case.get("grad_accum", 1)
 
 
 def batch_overrides(case: Dict[str, Any], args) -> List[str]:
     """The case's batch layout, or (-auto) only its global batch, split by the planner."""
-    micro, accum = micro_batch(case, args), case.get("grad_accum", 1)
+    micro, accum = layout(case, args.micro_batch)
     if case.get("auto_micro"):
         return ["trainer.micro_batch_size=null", f"trainer.global_batch_size={case['gpus'] * micro * accum}"]
     return [f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}"]
@@ -288,9 +293,10 @@ def main() -> None:
     if args.resummarise:
         report = json.loads((out / f"{args.tag}.json").read_text())
         for row in report["rows"]:
-            row.update(parse_case(row["name"]))  # the case's own names win over what a baseline's JSON said
-            if row.get("planned_layout"):  # -auto: the layout the planner picked, not the name's
-                row["micro_batch"], row["grad_accum"] = row["planned_layout"]
+            case = parse_case(row["name"])
+            micro, accum = layout(case, row["micro_batch"], row)
+            row.update(case)  # the case's own names win over what a baseline's JSON said
+            row["micro_batch"], row["grad_accum"] = micro, accum
             row.update(model_flops_per_token(row["model"], row["seq"], "lora" in row["system"]))
         summarise(report["rows"], report["peaks_tflops"], args.warmup)
         (out / f"{args.tag}.json").write_text(json.dumps(report, indent=1))
@@ -315,8 +321,7 @@ def main() -> None:
             figures = runner(case, args, data, log)
         except Exception as err:  # noqa: BLE001  (one failed case must not lose the others' figures)
             figures = {"error": f"{type(err).__name__}: {err}"}
-        # the layout the run used: the planner's where -auto left it the choice
-        micro, accum = figures.get("planned_layout") or (micro_batch(case, args), case.get("grad_accum", 1))
+        micro, accum = layout(case, args.micro_batch, figures)
         row = {**model_flops_per_token(case["model"], args.seq, "lora" in case["system"]), **figures, **case,
                "seq": args.seq, "micro_batch": micro, "grad_accum": accum, "wall_s": time.time() - case_started}
         report["rows"].append(row)

@@ -19,13 +19,17 @@ from typing import Dict, List
 from scipy import stats
 
 
+def case_key(row: Dict) -> tuple:
+    """Model, GPUs, micro-batch, accumulation: what must match for two runs to be compared."""
+    return row["model"], row["gpus"], row.get("micro_batch", 1), row.get("grad_accum", 1)
+
+
 def pairs(path: Path) -> List[Dict]:
     rows = [r for r in json.loads(path.read_text())["rows"] if "tokens_per_s_per_gpu" in r]
     found = []
     for ours in (r for r in rows if r["system"] == "ours"):
-        key = (ours["model"], ours["gpus"], ours.get("micro_batch", 1), ours.get("grad_accum", 1))
-        trainers = [r for r in rows if r["system"] == "trainer"
-                    and (r["model"], r["gpus"], r.get("micro_batch", 1), r.get("grad_accum", 1)) == key]
+        key = case_key(ours)
+        trainers = [r for r in rows if r["system"] == "trainer" and case_key(r) == key]
         if not trainers:
             continue
         window = statistics.mean(t["tokens_per_s_per_gpu"] for t in trainers)
@@ -43,8 +47,8 @@ def layouts(path: Path) -> List[str]:
     rows = [r for r in json.loads(path.read_text())["rows"] if "tokens_per_s_per_gpu" in r and r["system"] == "ours"]
     groups: Dict[tuple, Dict[tuple, List[float]]] = {}
     for r in rows:
-        micro, accum = r.get("micro_batch", 1), r.get("grad_accum", 1)
-        groups.setdefault((r["model"], r["gpus"], micro * accum), {}).setdefault((micro, accum), []).append(
+        model, gpus, micro, accum = case_key(r)
+        groups.setdefault((model, gpus, micro * accum), {}).setdefault((micro, accum), []).append(
             r["tokens_per_s_per_gpu"])
     lines = []
     for (model, gpus, per_step), by_layout in sorted(groups.items()):

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 from orchestrator import kernels
 from orchestrator.config import Precision, RunConfig, Strategy
 from orchestrator.errors import UserError
-from orchestrator.memory import GIB, ModelShape, estimate, fits, host_bytes_for_offload
+from orchestrator.memory import GIB, Estimate, ModelShape, estimate, fits, host_bytes_for_offload
 
 PEFT_STRATEGIES = ("lora", "qlora")
 # the micro-batch pick fills at most this share of a GPU: the estimate ran 2-4% above the measured peaks where
@@ -85,7 +85,6 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     shape = ModelShape.from_config(model_config)
     use_gpu = resources.gpus > 0
     workers = resources.gpus if use_gpu else run.cluster.cpu_workers
-    forced_checkpointing = run.model.gradient_checkpointing
     fused, fused_reason = kernels.decide(run.model, model_config, use_gpu)
     fused_loss = kernels.fuses_loss(fused, run.model.task)
     auto_micro = run.trainer.micro_batch_size is None
@@ -94,8 +93,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     def candidates_for(micro_batch: int) -> List[Candidate]:
         if not use_gpu:
             return []
-        return [_candidate(strategy, shape, workers, micro_batch * run.data.max_length, resources, run,
-                           forced_checkpointing, fused_loss)
+        return [_candidate(strategy, shape, workers, micro_batch * run.data.max_length, resources, run, fused_loss)
                 for strategy in ("full", "full_offload", "lora", "qlora")]
 
     candidates = candidates_for(micro)
@@ -128,7 +126,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
     return Plan(strategy=strategy, num_workers=workers, use_gpu=use_gpu, micro_batch_size=micro, grad_accum=accum,
                 global_batch_size=workers * micro * accum, precision=precision.value,
                 zero_stage=0 if single_worker_peft else 3, offload=strategy == "full_offload",
-                gradient_checkpointing=chosen.checkpointing if chosen else bool(forced_checkpointing),
+                gradient_checkpointing=chosen.checkpointing if chosen else bool(run.model.gradient_checkpointing),
                 predicted_gib_per_gpu=chosen.gib_per_gpu if chosen else None, reason=reason, candidates=candidates,
                 fused_kernels=fused, fused_kernels_reason=fused_reason, micro_batch_reason=micro_reason)
 
@@ -142,17 +140,16 @@ def _largest_micro_batch(strategy: str, shape: ModelShape, workers: int, resourc
         raise UserError(f"trainer.global_batch_size={global_batch} is not allowed: it must be a multiple of the "
                         f"{workers} workers (trainer.micro_batch_size=null splits it over them)")
     rows = global_batch // workers
-    divisors = [d for d in range(rows, 0, -1) if rows % d == 0]
     if resources.gpus == 0:
         return rows, f"{rows}: all {rows} rows per worker in one pass (CPU workers: no GPU memory to fit)"
     if resources.gpu_memory_gb is None:
         return rows, (f"{rows}: all {rows} rows per worker in one pass (GPU memory unknown: set "
                       "cluster.gpu_memory_gb to have the pick fit it)")
-    forced = run.model.gradient_checkpointing
-    for checkpointing in [forced] if forced is not None else [False, True]:
+    divisors = [d for d in range(rows, 0, -1) if rows % d == 0]
+    for checkpointing in _checkpointing_options(run):  # every micro-batch without checkpointing before any with
         for micro in divisors:
-            predicted = estimate(strategy, shape, workers, micro * run.data.max_length, checkpointing,
-                                 run.peft.rank, run.model.freeze_depth, fused_loss)
+            predicted = _predicted(strategy, shape, workers, micro * run.data.max_length, checkpointing, run,
+                                   fused_loss)
             if fits(predicted, resources.gpu_memory_gb * MICRO_BATCH_MEMORY_SHARE):
                 how = "with activation checkpointing" if checkpointing else "without activation checkpointing"
                 return micro, (f"{micro}: the largest divisor of the {rows} rows per worker per step that fits "
@@ -162,15 +159,24 @@ def _largest_micro_batch(strategy: str, shape: ModelShape, workers: int, resourc
     return 1, f"1: no micro-batch of the {rows} rows per worker fits; the strategy's check says by how much"
 
 
-def _candidate(strategy: str, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
-               run: RunConfig, forced_checkpointing: Optional[bool], fused_loss: bool) -> Candidate:
-    def predicted(checkpointing: bool):
-        return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth,
-                        fused_loss)
+def _checkpointing_options(run: RunConfig) -> List[bool]:
+    """Activation checkpointing settings to try, in order: the forced one, else without first (it is ~30% faster
+    where memory allows), then with."""
+    forced = run.model.gradient_checkpointing
+    return [forced] if forced is not None else [False, True]
 
-    options = [forced_checkpointing] if forced_checkpointing is not None else [False, True]
-    for checkpointing in options:  # without checkpointing first: it is ~30% faster where memory allows
-        result = predicted(checkpointing)
+
+def _predicted(strategy: str, shape: ModelShape, workers: int, tokens: int, checkpointing: bool, run: RunConfig,
+               fused_loss: bool) -> Estimate:
+    return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth,
+                    fused_loss)
+
+
+def _candidate(strategy: str, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
+               run: RunConfig, fused_loss: bool) -> Candidate:
+    options = _checkpointing_options(run)
+    for checkpointing in options:
+        result = _predicted(strategy, shape, workers, tokens, checkpointing, run, fused_loss)
         ok = fits(result, resources.gpu_memory_gb)
         note = ""
         if ok and strategy == "full_offload" and resources.host_memory_gb is not None:
