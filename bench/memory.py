@@ -85,8 +85,8 @@ def run_qlora_in_process(model_dir: Path, data_dir: Path) -> dict:
     from orchestrator.losses import loss_terms
     from orchestrator.memory import ModelShape, estimate
     from orchestrator.model import build_model, load_tokenizer, read_model_config
+    from orchestrator.optimization import make_optimizer, make_scheduler
     from orchestrator.plain_engine import PlainEngine
-    from orchestrator.train_loop import make_optimizer, make_scheduler
 
     model_cfg = ModelConfig(path=str(model_dir), task=Task.causal_lm, init=Init.pretrained)
     run = RunConfig(model=model_cfg, data=DataConfig(path=str(data_dir), max_length=SEQ),

@@ -104,8 +104,8 @@ def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> 
     from orchestrator.deepspeed_config import deepspeed_config
     from orchestrator.losses import loss_terms, target_weight
     from orchestrator.model import build_model
+    from orchestrator.optimization import make_optimizer, make_scheduler
     from orchestrator.plan import Plan
-    from orchestrator.train_loop import make_optimizer, make_scheduler
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()

@@ -78,9 +78,11 @@ def run_training(run: RunConfig, plan: Plan):
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    from orchestrator.train_loop import train_loop
+    from orchestrator.restarts import FaultDrill
+    from orchestrator.train_loop import WorkerInput, train_loop
 
-    loop_config = {"run": run, "plan": plan, "progress_bar": sys.stdout.isatty(), "fault": fault_drill(run.run_dir)}
+    worker = WorkerInput(run, plan, progress_bar=sys.stdout.isatty(), fault=FaultDrill.from_environment(run.run_dir))
+    loop_config = {"worker": worker}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -104,15 +106,6 @@ def run_training(run: RunConfig, plan: Plan):
     if run.trainer.save_final:
         export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
     return result
-
-
-def fault_drill(run_dir: str) -> Optional[dict]:
-    """ORCHESTRATOR_KILL_WORKER=<rank>:<step>: that worker kills itself at that step, once (failure drills)."""
-    value = os.environ.get("ORCHESTRATOR_KILL_WORKER")
-    if not value:
-        return None
-    rank, step = (int(part) for part in value.split(":"))
-    return {"rank": rank, "step": step, "marker": os.path.join(run_dir, ".fault_injected")}
 
 
 def export_from(checkpoint, destination: str) -> None:

@@ -60,3 +60,16 @@ def decide(run_dir: str, step: int, value: Optional[float], mode: str) -> bool:
         return False
     record(run_dir, step, value)
     return should_stop(value, peers_at(run_dir, step), mode)
+
+
+def falls_behind(run_dir: str, step: int, value: Optional[float], mode: str, rank: int, device) -> bool:
+    """The decision for all ranks: made on rank 0 (it alone writes and reads the files), then broadcast, so
+    that every rank leaves the training loop at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    decision = torch.zeros(1, device=device)
+    if rank == 0:
+        decision[0] = float(decide(run_dir, step, value, mode))
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())

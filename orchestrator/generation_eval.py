@@ -52,3 +52,17 @@ def generation_report(model, examples: Sequence[Example], tokenizer, device: tor
     prompts, answers, references = generate_answers(model, with_prompt, tokenizer, device, max_new_tokens,
                                                     synced_gpus)
     return generation_metrics(answers, references), format_samples(prompts, answers, references)
+
+
+def generated_answers(engine, examples: Sequence[Example], tokenizer, device: torch.device, rows: int,
+                      max_new_tokens: int, note, world_size: int) -> Dict[str, float]:
+    """The final evaluation's generation check: ROUGE-L and BLEU of greedy answers to the first `rows` validation
+    rows as eval/rougeL, eval/bleu, and a few samples through `note` (the console). Every rank takes part (ZeRO-3
+    gathers parameters for each generated token)."""
+    if not rows:
+        return {}
+    metrics, samples = generation_report(engine.module, examples, tokenizer, device, rows, max_new_tokens,
+                                         synced_gpus=world_size > 1)
+    if samples:
+        note(samples)
+    return {f"eval/{k}": v for k, v in metrics.items()}

@@ -133,3 +133,29 @@ def evaluate(model, examples: List[Example], task: Task, batch_size: int, pad_to
     else:
         metrics["perplexity"] = math.exp(min(loss, 50.0))
     return metrics
+
+
+def validation_metrics(model, data, task: Task, batch_size: int, pad_token_id: int, device: torch.device,
+                       with_confusion: bool = False) -> Dict[str, Any]:
+    """Metrics on the validation split (`data`: an EncodedData); for a data.mix of several datasets also each
+    dataset's own, as <name>/loss etc."""
+    metrics = evaluate(model, data.validation, task, batch_size, pad_token_id, device, with_confusion=with_confusion)
+    if len(data.parts) > 1:
+        for part in data.parts:
+            metrics.update(prefixed(part.name, evaluate(model, part.validation, task, batch_size, pad_token_id,
+                                                        device)))
+    return metrics
+
+
+def forgetting_metrics(model, data, task: Task, batch_size: int, pad_token_id: int, device: torch.device,
+                       when: str) -> Dict[str, float]:
+    """data.reference_path: loss and perplexity on general text, "before" or "after" fine-tuning (a rise
+    after means the model forgot some of its general language modelling)."""
+    if not data.reference:
+        return {}
+    metrics = evaluate(model, data.reference, task, batch_size, pad_token_id, device)
+    return {f"forgetting/loss_{when}": metrics["loss"], f"forgetting/perplexity_{when}": metrics["perplexity"]}
+
+
+def prefixed(prefix: str, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -15,7 +15,7 @@ from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate
 from orchestrator.losses import loss_terms
 from orchestrator.model import build_model, load_tokenizer
-from orchestrator.train_loop import make_optimizer, make_scheduler
+from orchestrator.optimization import make_optimizer, make_scheduler
 from tests.conftest import compose_run
 
 pytestmark = pytest.mark.ray

@@ -1,0 +1,72 @@
+"""Restarts inside a run: which checkpoint a restarted worker continues from, how many steps it repeats,
+and the failure drill that kills a worker on purpose (ORCHESTRATOR_KILL_WORKER)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import ray.train
+
+from orchestrator.checkpoint import checkpoint_info, metrics_only, newest_complete_checkpoint, storage_root
+from orchestrator.config import RunConfig
+from orchestrator.files import write_json_atomically
+
+
+def restart_checkpoint(run: RunConfig) -> Optional[ray.train.Checkpoint]:
+    """After a worker failure Ray hands back the last checkpoint it registered; one that every rank had
+    finished writing may be newer (registration lags the reports), so take the newer of the two."""
+    registered = ray.train.get_checkpoint()
+    if registered is None or metrics_only(registered.path):
+        return None  # nothing saved, or only a finished run's metrics (trainer.save_final=false)
+    on_disk = newest_complete_checkpoint([os.path.join(storage_root(run), run.name)])
+    registered_info = checkpoint_info(registered.path) if os.path.isdir(registered.path) else None
+    if on_disk is not None and (registered_info is None or on_disk.step > registered_info.step):
+        return ray.train.Checkpoint(on_disk.path)
+    return registered
+
+
+class Progress:
+    """The last finished step, in a file beside the run: after a restart it tells how many steps repeat."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def last_step(self) -> int:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return int(json.load(handle)["step"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def record(self, step: int) -> None:
+        if self.enabled:
+            write_json_atomically(self.path, {"step": step, "time": time.time()})
+
+
+@dataclass
+class FaultDrill:
+    """ORCHESTRATOR_KILL_WORKER=<rank>:<step> on the driver: that worker kills itself as it starts that step,
+    once per run (the marker file says it happened), to exercise Ray Train's restart and our resume."""
+
+    rank: int
+    step: int
+    marker: str
+
+    @classmethod
+    def from_environment(cls, run_dir: str) -> Optional["FaultDrill"]:
+        value = os.environ.get("ORCHESTRATOR_KILL_WORKER")
+        if not value:
+            return None
+        rank, step = (int(part) for part in value.split(":"))
+        return cls(rank, step, os.path.join(run_dir, ".fault_injected"))
+
+    def strike(self, rank: int, step: int) -> None:
+        if rank != self.rank or step != self.step or os.path.exists(self.marker):
+            return
+        open(self.marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
