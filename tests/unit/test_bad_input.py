@@ -31,7 +31,7 @@ CASES = [
     ("wrong type", ["trainer.max_steps=abc"], None, "trainer.max_steps=abc is not allowed: expected integer"),
     ("bad enum", ["logger.mode=loud"], None,
      "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
-    ("unknown strategy", ["strategy=bogus"], None, "strategy=bogus is not allowed: available options: auto, dora"),
+    ("unknown strategy", ["strategy=bogus"], None, "strategy=bogus is not allowed: expected one of auto, full"),
     ("unknown experiment", ["+experiment=nope"], None, "experiment=nope is not allowed: available options: legal_demo"),
     ("zero steps", ["trainer.max_steps=0"], None, "trainer.max_steps=0 is not allowed: an integer >= 1"),
     ("negative lr", ["optim.lr=-1"], None, "optim.lr=-1.0 is not allowed: a number > 0"),
