@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, TextIO
 
 from orchestrator.config import KubeConfig
-from orchestrator.errors import EXIT_USER_ERROR, UserError
+from orchestrator.errors import UserError, report_user_error
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 FINISHED = ("Complete", "Failed", "ValidationFailed")  # jobDeploymentStatus values after which nothing changes
@@ -199,8 +199,7 @@ def main(argv: Optional[Sequence[str]] = None, kube: Optional[Kube] = None) -> i
         finished(args.name, args.namespace, status)
         return 0
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
-        return EXIT_USER_ERROR
+        return report_user_error(str(err))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from launch.sweep_summary import override_key
 from orchestrator.config import KubeConfig, RunConfig
 from orchestrator.errors import UserError
 from orchestrator.plan import ClusterResources, Plan
@@ -62,16 +63,32 @@ def launch_rayjob(run: RunConfig, overrides: Sequence[str]) -> dict:
 def plan_for_cluster(run: RunConfig) -> Tuple[Plan, ClusterResources]:
     """The Plan for the Kubernetes cluster described by cluster.*: the model's shape and the data are checked
     here where they can be (a known hub id, a local copy, a bundled sample); the pods read the real ones."""
-    from orchestrator import console
-    from orchestrator.data import read_data
-    from orchestrator.model import check_freeze_depth, read_model_config
-    from orchestrator.plan import describe, make_plan
+    from orchestrator.preflight import DataCheck, preflight
 
     c = run.cluster
     if c.gpus is None or (c.gpus > 0 and c.gpu_memory_gb is None):
         raise UserError("launcher=rayjob plans for the Kubernetes cluster, not this machine: set cluster.gpus (GPUs "
                         "per worker pod, 0 for CPU workers), cluster.gpu_memory_gb (GiB per GPU) and cluster.nodes "
                         "(worker pods, default 1), e.g. cluster.nodes=2 cluster.gpus=8 cluster.gpu_memory_gb=80")
+    resources = ClusterResources(nodes=c.nodes or 1, gpus_per_node=c.gpus, cpus=0, host_memory_gb=c.host_memory_gb,
+                                 gpu_memory_gb=c.gpu_memory_gb if c.gpus else None)
+    checked = preflight(
+        run, lambda: resources, model_config=model_shape(run), check_freeze=True, report=True,
+        # the pods run `python -m orchestrator` with the same overrides and its whole preflight; the run stays as
+        # composed (its paths as the command line gives them, read in the pods' own directory; its micro-batch
+        # null where the planner picks: the pods pick again)
+        runs_here=False,
+        data=DataCheck.where_present,  # the job reads the data in the cluster; here only what this machine has
+    )
+    return checked.plan, checked.resources
+
+
+def model_shape(run: RunConfig) -> dict:
+    """The model's config.json as this machine has it: a local copy, else the shape the project carries for a
+    well-known hub id (the pods load the model itself)."""
+    from orchestrator import console
+    from orchestrator.model import read_model_config
+
     try:
         model_config = read_model_config(run.model, shape_only=True)
     except UserError as err:
@@ -80,18 +97,7 @@ def plan_for_cluster(run: RunConfig) -> Tuple[Plan, ClusterResources]:
     if not run.model.allow_download and model_config_dir(run) is None:  # planned from the shape the project carries
         console.note(f"model.path={run.model.path}: the pods load it from their Hugging Face cache (HF_HOME, on the "
                      "claim); to fetch it there add model.allow_download=true")
-    check_freeze_depth(run.model, model_config)
-    paths = (run.data.path, run.data.validation_path)
-    if all(p is None or p.startswith("sample:") or os.path.exists(p) for p in paths):
-        console.data_summary(read_data(run.data, run.model.task, run.trainer.seed))
-    else:
-        console.note(f"data.path={run.data.path} is not on this machine: the job reads it in the cluster")
-    resources = ClusterResources(nodes=c.nodes or 1, gpus_per_node=c.gpus, cpus=0, host_memory_gb=c.host_memory_gb,
-                                 gpu_memory_gb=c.gpu_memory_gb if c.gpus else None)
-    plan = make_plan(run, resources, model_config)
-    print(describe(plan, resources.gpu_memory_gb), flush=True)
-    plan.save(run.run_dir)
-    return plan, resources
+    return model_config
 
 
 def model_config_dir(run: RunConfig) -> Optional[str]:
@@ -165,10 +171,6 @@ def entrypoint(run: RunConfig, overrides: Sequence[str], name: str) -> str:
 def run_dir_in_cluster(k: KubeConfig, run_name: str, job: str) -> str:
     root = k.mount_path.rstrip("/") if k.pvc else "/tmp/orchestrator"  # without a claim: the head pod's disk
     return f"{root}/{run_name}/{job}"
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def dropped(override: str) -> bool:

@@ -100,17 +100,13 @@ def default_mode(metric: str) -> str:
 
 
 def describe_failure(err: BaseException) -> str:
-    """One line: a UserError's message, else the failing worker's exception (the last line of Ray's report)."""
+    """One line for a trial that failed in the sweep itself (composing, planning, starting its command): a
+    UserError's message, else the exception's last line. No Ray error reaches here: a trial runs in a child
+    process, whose errors come back through its log (error_in_log)."""
     from orchestrator.errors import UserError
 
     if isinstance(err, UserError):
         return str(err)
-    failures = getattr(err, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        err = next(iter(failures.values()))
-    cause = getattr(err, "cause", None)  # RayTaskError: the exception raised inside the task
-    if isinstance(cause, BaseException):
-        err = cause
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     text, name = (lines[-1] if lines else ""), type(err).__name__
     if not text:
@@ -258,15 +254,20 @@ class RayTrialLauncher(Launcher):
         """The trial's Plan (what execute() will compute again, to the same result), for packing."""
         from launch.local import detect_resources
         from orchestrator.errors import UserError
-        from orchestrator.model import read_model_config
-        from orchestrator.plan import make_plan
+        from orchestrator.preflight import DataCheck, preflight
 
         run = trial.run
         if run.logger.group is None:  # one W&B group per sweep; one W&B run name per trial
             run.logger.group = f"{run.name}-{Path(sweep_dir).name}"
         run.name = f"{run.name}-{trial.num}"
         try:
-            trial.plan = make_plan(run, detect_resources(run.cluster, ray_started=True), read_model_config(run.model))
+            trial.plan = preflight(
+                run, lambda: detect_resources(run.cluster, ray_started=True),  # the sweep's Ray (_start_ray)
+                # only to pack the trials: the trial's own command (a child process) runs the run and its whole
+                # preflight, so the checks, their failures and the printed plan are in the trial's own log
+                runs_here=False, data=DataCheck.skip, check_freeze=False, report=False,
+                shape_only=False,  # as the sweep always planned: from the model's own config.json, dry run or not
+            ).plan
         except UserError as err:
             self._fail(trial, err)
             return

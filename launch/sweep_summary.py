@@ -22,7 +22,8 @@ FILES = {"csv": "summary.csv", "markdown": "summary.md", "plot": "metric_vs_para
 
 
 def override_key(override: str) -> str:
-    """'+model.freeze_depth=2' → 'model.freeze_depth' (the key without Hydra's +, ++ or ~ prefix)."""
+    """'+model.freeze_depth=2' → 'model.freeze_depth' (the key without Hydra's +, ++ or ~ prefix). Also what
+    launch/rayjob.py reads the command line's overrides with, for the job's entrypoint."""
     return override.split("=", 1)[0].lstrip("+~")
 
 

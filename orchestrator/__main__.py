@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from typing import List, Sequence
+from typing import TYPE_CHECKING, List, Sequence
 
 import hydra
 import psutil
@@ -21,18 +21,15 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from orchestrator import console
-from orchestrator.config import (
-    Launcher,
-    Overlong,
-    RunConfig,
-    absolute_path,
-    config_dict,
-    register_schema,
-    to_run_config,
-)
-from orchestrator.errors import EXIT_USER_ERROR, UserError
+from orchestrator.config import Launcher, RunConfig, config_dict, register_schema, to_run_config
+from orchestrator.errors import UserError, report_user_error
 from orchestrator.model_card import write_model_card
 from orchestrator.plots import save_run_plots
+from orchestrator.preflight import DataCheck, preflight
+from orchestrator.preflight import resume_from  # noqa: F401 - moved to preflight; importable from here as before
+
+if TYPE_CHECKING:
+    from orchestrator.plan import ClusterResources
 
 register_schema()
 
@@ -44,7 +41,7 @@ def main(cfg: DictConfig) -> None:
         run.run_dir = HydraConfig.get().runtime.output_dir
         execute(run, overrides=list(HydraConfig.get().overrides.task))
     except UserError as err:  # exit here: past this point Hydra prints its own line about the job
-        exit_with(str(err))
+        sys.exit(report_user_error(str(err)))
 
 
 def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
@@ -55,41 +52,12 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
 
         return launch_rayjob(run, overrides)
 
-    from launch.local import detect_resources, run_training, start_ray
-    from orchestrator.data import read_data
-    from orchestrator.model import check_freeze_depth, read_model_config
-    from orchestrator.plan import describe, make_plan
+    from launch.local import run_training
 
-    base = os.getcwd()
-    run.model.path = absolute_path(run.model.path, base)
-    run.model.tokenizer_path = absolute_path(run.model.tokenizer_path, base)
-    run.data.path = absolute_path(run.data.path, base)
-    run.data.validation_path = absolute_path(run.data.validation_path, base)
-    run.data.reference_path = absolute_path(run.data.reference_path, base)
-    for entry in run.data.mix or []:
-        entry.path, entry.validation_path = absolute_path(entry.path, base), absolute_path(entry.validation_path, base)
-    if run.resume != "auto":
-        run.resume = absolute_path(run.resume, base)
-    if run.data.cache_dir:
-        run.data.cache_dir = os.path.abspath(os.path.expanduser(run.data.cache_dir))
-
-    model_config = read_model_config(run.model, shape_only=run.dry_run)  # fails fast on a missing model
-    check_freeze_depth(run.model, model_config)
-    raw = read_data(run.data, run.model.task, run.trainer.seed)
-    console.data_summary(raw)
-    if not run.dry_run:
-        check_encoded(run, raw)
-    resume_from(run)
-
-    sizing_only = run.dry_run and run.cluster.gpus is not None
-    if not sizing_only:
-        start_ray(run.cluster)
-    resources = detect_resources(run.cluster, ray_started=not sizing_only)
-    plan = make_plan(run, resources, model_config)
-    print(describe(plan, resources.gpu_memory_gb), flush=True)
-    plan.save(run.run_dir)
-    # null left the micro-batch to the planner; from here on the run holds its pick (evaluation batches, model card)
-    run.trainer.micro_batch_size = plan.micro_batch_size
+    # every step of the preflight: the run starts here; a dry run may plan a well-known model from its shape
+    checked = preflight(run, lambda: local_resources(run), runs_here=True, data=DataCheck.read, check_freeze=True,
+                        report=True, shape_only=run.dry_run)
+    plan = checked.plan
     if run.dry_run:
         return {}
     result = run_training(run, plan)
@@ -98,39 +66,22 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     with open(os.path.join(run.run_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=1)
     console.final_summary(metrics, run)
-    for path in save_run_plots(metrics, raw.labels, run.run_dir):
+    for path in save_run_plots(metrics, checked.raw_data.labels, run.run_dir):
         console.note(f"plot: {path}")
     if run.trainer.save_final:
         write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
     return metrics
 
 
-def check_encoded(run: RunConfig, raw) -> None:
-    """Tokenize once on the driver: prints the data report, fills the cache that the workers then read,
-    and stops before any worker starts when rows are too long and data.overlong=fail."""
-    from orchestrator.data import describe_data, encode_data
-    from orchestrator.model import load_tokenizer
+def local_resources(run: RunConfig) -> ClusterResources:
+    """What a local run is planned for: what Ray reports, once started (embedded, or joined at cluster.address);
+    a dry run sized for cluster.gpus (another cluster than this machine) starts no Ray."""
+    from launch.local import detect_resources, start_ray
 
-    data = encode_data(raw, load_tokenizer(run.model))
-    console.note(describe_data(data))
-    too_long = data.train_report.truncated + data.validation_report.truncated
-    if too_long and run.data.overlong is Overlong.fail:
-        raise UserError(f"data.path={run.data.path}: {data.train_report.truncated} train and "
-                        f"{data.validation_report.truncated} validation rows are longer than data.max_length="
-                        f"{run.data.max_length} tokens; raise data.max_length, or set data.overlong=truncate")
-
-
-def resume_from(run: RunConfig) -> None:
-    """resume=auto / a run directory → the checkpoint directory itself (complete ones only)."""
-    from orchestrator.checkpoint import resolve_resume, storage_root
-
-    requested = run.resume
-    info = resolve_resume(requested, run.run_dir, storage_root(run))
-    run.resume = info.path if info else None
-    if info:
-        console.note(f"resume: from step {info.step}, {info.path}")
-    elif requested:
-        console.note(f"resume={requested}: no complete checkpoint of {run.name} yet; starting at step 0")
+    sizing_only = run.dry_run and run.cluster.gpus is not None
+    if not sizing_only:
+        start_ray(run.cluster)
+    return detect_resources(run.cluster, ray_started=not sizing_only)
 
 
 def describe_config_error(err: BaseException) -> str:
@@ -170,12 +121,7 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        exit_with(describe_config_error(err))
-
-
-def exit_with(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-    sys.exit(EXIT_USER_ERROR)
+        sys.exit(report_user_error(describe_config_error(err)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from orchestrator.errors import EXIT_USER_ERROR, UserError
+from orchestrator.errors import UserError, report_user_error
 
 ADAPTER_DIR = "adapter"
 
@@ -47,8 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.score:
             sys.stderr.write(score(results, predictor) + "\n")
     except UserError as err:
-        sys.stderr.write(f"error: {str(err).splitlines()[0]}\n")
-        return EXIT_USER_ERROR
+        return report_user_error(str(err).splitlines()[0])
     if args.output:
         sys.stderr.write(f"wrote {len(rows)} predictions to {args.output}\n")
     return 0
