@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -28,6 +28,16 @@ def compose_run(overrides: List[str], run_dir: Path):
         run = to_run_config(compose("config", overrides=overrides))
     run.run_dir = str(run_dir)
     return run
+
+
+def tiny_llama_run(model_dir: Optional[Path] = None, logger: str = "disabled") -> List[str]:
+    """Overrides of a small causal-LM run: the tiny Llama (hydra_conf/model/tiny_llama.yaml: 2 layers, hidden 64,
+    random weights, no download) on the bundled legal instructions, W&B off. With model_dir (the tiny_llama_dir
+    fixture), that directory's fixed weights and tokenizer instead, so that a reference can load the same model."""
+    overrides = ["model=tiny_llama", "data=legal_instructions"]
+    if model_dir is not None:
+        overrides += [f"model.path={model_dir}", "model.init=pretrained", "model.tokenizer_path=null"]
+    return [*overrides, f"logger.mode={logger}"]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
@@ -37,11 +37,10 @@ def test_planted_secrets_never_reach_a_file_or_log(tmp_path):
     run_dir = tmp_path / "run"
     started = time.time()
     result = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "model=tiny_llama", "model.path=builtin:tiny-llama",
-         "data=legal_instructions", "data.max_length=96", "data.max_validation_rows=4", "trainer.max_steps=2",
-         "trainer.checkpoint_every=1", "trainer.micro_batch_size=2", "cluster.cpu_workers=2",
-         "trainer.eval_generate_rows=0",
-         "logger.mode=offline", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "orchestrator", *tiny_llama_run(logger="offline"), "data.max_length=96",
+         "data.max_validation_rows=4", "trainer.max_steps=2", "trainer.checkpoint_every=1",
+         "trainer.micro_batch_size=2", "cluster.cpu_workers=2", "trainer.eval_generate_rows=0",
+         f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert (run_dir / "export" / "config.json").is_file() and list(run_dir.rglob("wandb/*"))

@@ -16,7 +16,7 @@ from orchestrator.data.batching import GlobalBatchSchedule, collate
 from orchestrator.losses import loss_terms
 from orchestrator.model import build_model, load_tokenizer
 from orchestrator.optimization import make_optimizer, make_scheduler
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 STEPS = 6
@@ -24,9 +24,7 @@ TOLERANCE = 1e-5
 
 
 def overrides(model_dir, workers: int, micro: int, accum: int):
-    return ["model=tiny_llama", "data=legal_instructions", f"model.path={model_dir}", "model.init=pretrained",
-            "model.tokenizer_path=null", "logger.mode=disabled", f"trainer.max_steps={STEPS}",
-            "trainer.eval_generate_rows=0",
+    return [*tiny_llama_run(model_dir), f"trainer.max_steps={STEPS}", "trainer.eval_generate_rows=0",
             f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", f"cluster.cpu_workers={workers}",
             "data.max_length=96", "data.max_validation_rows=8", "optim.lr=3e-3", "optim.warmup_ratio=0.2",
             "optim.grad_clip=0.5", "optim.weight_decay=0.1"]

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator import early_stopping
 from orchestrator.__main__ import execute
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
@@ -17,11 +17,10 @@ def test_a_trial_behind_the_median_stops_at_the_evaluation(ray_cluster, tiny_lla
     for peer in ("0", "1"):  # two finished trials of the same sweep that reached a far lower loss by step 2
         (tmp_path / peer).mkdir()
         early_stopping.record(str(tmp_path / peer), 2, 0.5)
-    run = compose_run(["model=tiny_llama", "data=legal_instructions", f"model.path={tiny_llama_dir}",
-                       "model.init=pretrained", "model.tokenizer_path=null", "strategy=lora", "logger.mode=disabled",
-                       "trainer.max_steps=6", "trainer.eval_every=2", "trainer.micro_batch_size=2",
-                       "trainer.eval_generate_rows=0", "cluster.cpu_workers=1", "data.max_length=96",
-                       "data.max_validation_rows=4", "trainer.early_stopping=true"], tmp_path / "2")
+    run = compose_run([*tiny_llama_run(tiny_llama_dir), "strategy=lora", "trainer.max_steps=6", "trainer.eval_every=2",
+                       "trainer.micro_batch_size=2", "trainer.eval_generate_rows=0", "cluster.cpu_workers=1",
+                       "data.max_length=96", "data.max_validation_rows=4", "trainer.early_stopping=true"],
+                      tmp_path / "2")
     metrics = execute(run)
     assert metrics["train/stopped_early_at"] == 2
     assert len(metrics["train/loss_history"]) == 2 and metrics["step"] == 2

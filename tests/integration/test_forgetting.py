@@ -17,7 +17,7 @@ from orchestrator.__main__ import execute
 from orchestrator.data import encode_data, read_data
 from orchestrator.metrics import evaluate
 from orchestrator.model import build_model, load_tokenizer
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
@@ -26,10 +26,9 @@ def test_forgetting_before_and_after_and_per_dataset_validation(ray_cluster, tin
     notes = tmp_path / "notes.jsonl"
     notes.write_text("".join(json.dumps({"text": f"Note {i}: the meeting moved to room {i}."}) + "\n"
                              for i in range(20)), encoding="utf-8")
-    run = compose_run(["model=tiny_llama", "data=legal_instructions", "data.format=auto",
-                       f"model.path={tiny_llama_dir}", "model.init=pretrained", "model.tokenizer_path=null",
-                       "logger.mode=disabled", "trainer.max_steps=2", "trainer.micro_batch_size=4",
-                       "cluster.cpu_workers=1", "data.max_length=96", "data.max_validation_rows=4", "optim.lr=3e-3",
+    run = compose_run([*tiny_llama_run(tiny_llama_dir), "data.format=auto", "trainer.max_steps=2",
+                       "trainer.micro_batch_size=4", "cluster.cpu_workers=1", "data.max_length=96",
+                       "data.max_validation_rows=4", "optim.lr=3e-3",
                        f"data.mix=[{{path:'sample:legal_instructions',weight:3}},{{path:'{notes}',weight:1}}]",
                        "data.reference_path=sample:general_reference", "data.packing=true"], tmp_path)
     metrics = execute(run)

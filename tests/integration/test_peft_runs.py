@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.__main__ import execute
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
@@ -17,11 +17,9 @@ def test_lora_trains_and_exports_merged_weights(ray_cluster, tiny_llama_dir, tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run = compose_run(["model=tiny_llama", "data=legal_instructions", f"model.path={tiny_llama_dir}",
-                       "model.init=pretrained", "model.tokenizer_path=null", "strategy=lora", "peft.rank=8",
-                       "logger.mode=disabled", "trainer.max_steps=6", "trainer.micro_batch_size=4",
-                       f"cluster.cpu_workers={workers}", "data.max_length=96", "data.max_validation_rows=8",
-                       "optim.lr=1e-2", "optim.warmup_ratio=0"], tmp_path)
+    run = compose_run([*tiny_llama_run(tiny_llama_dir), "strategy=lora", "peft.rank=8", "trainer.max_steps=6",
+                       "trainer.micro_batch_size=4", f"cluster.cpu_workers={workers}", "data.max_length=96",
+                       "data.max_validation_rows=8", "optim.lr=1e-2", "optim.warmup_ratio=0"], tmp_path)
     metrics = execute(run)
     losses = metrics["train/loss_history"]
     assert losses[-1] < losses[0]

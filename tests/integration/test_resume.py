@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from orchestrator.__main__ import execute, resume_from
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 STEPS, EVERY, KILL_AT = 20, 5, 12
@@ -26,9 +26,7 @@ TOLERANCE = 1e-6
 
 
 def overrides(model_dir, *extra):
-    return ["model=tiny_llama", "data=legal_instructions", f"model.path={model_dir}", "model.init=pretrained",
-            "model.tokenizer_path=null", "logger.mode=disabled", f"trainer.max_steps={STEPS}",
-            "trainer.eval_generate_rows=0",
+    return [*tiny_llama_run(model_dir), f"trainer.max_steps={STEPS}", "trainer.eval_generate_rows=0",
             f"trainer.checkpoint_every={EVERY}", "trainer.micro_batch_size=2", "cluster.cpu_workers=2",
             "data.max_length=64", "data.max_validation_rows=4", "optim.lr=3e-3", *extra]
 

@@ -9,16 +9,15 @@ import math
 import pytest
 
 from orchestrator.__main__ import execute
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
 
 def test_metrics_without_a_saved_model_and_a_clean_rerun(ray_cluster, tmp_path):
-    overrides = ["model=tiny_llama", "data=legal_instructions", "logger.mode=disabled", "trainer.max_steps=2",
-                 "trainer.micro_batch_size=2", "cluster.cpu_workers=1", "data.max_length=64",
-                 "data.max_validation_rows=2", "trainer.eval_generate_rows=0", "trainer.save_final=false",
-                 "data.packing=true"]
+    overrides = [*tiny_llama_run(), "trainer.max_steps=2", "trainer.micro_batch_size=2", "cluster.cpu_workers=1",
+                 "data.max_length=64", "data.max_validation_rows=2", "trainer.eval_generate_rows=0",
+                 "trainer.save_final=false", "data.packing=true"]
     first = execute(compose_run(overrides, tmp_path))
     assert len(first["train/loss_history"]) == 2 and all(math.isfinite(x) for x in first["train/loss_history"])
     assert len(first["train/step_s_history"]) == 2 and all(t > 0 for t in first["train/tokens_history"])
@@ -34,10 +33,10 @@ def test_micro_batch_left_to_the_planner(ray_cluster, tmp_path):
     trains with that layout and holds the pick afterwards (evaluation batches, the model card)."""
     import json
 
-    run = compose_run(["model=tiny_llama", "data=legal_instructions", "logger.mode=disabled", "trainer.max_steps=1",
-                       "trainer.micro_batch_size=null", "trainer.global_batch_size=4", "cluster.cpu_workers=1",
-                       "data.max_length=64", "data.max_validation_rows=2", "trainer.eval_generate_rows=0",
-                       "trainer.save_final=false"], tmp_path)
+    run = compose_run([*tiny_llama_run(), "trainer.max_steps=1", "trainer.micro_batch_size=null",
+                       "trainer.global_batch_size=4", "cluster.cpu_workers=1", "data.max_length=64",
+                       "data.max_validation_rows=2", "trainer.eval_generate_rows=0", "trainer.save_final=false"],
+                      tmp_path)
     metrics = execute(run)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert (plan["micro_batch_size"], plan["grad_accum"], plan["global_batch_size"]) == (4, 1, 4)

@@ -11,15 +11,13 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, compose_run
+from tests.conftest import ROOT, compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
 
 TARGETS = ["[q_proj,v_proj]", "[q_proj]", "[v_proj]", "[no_such_module]"]
-FIXED = ["model=tiny_llama", "data=legal_instructions", "strategy=lora", "logger.mode=disabled",
-         "trainer.eval_generate_rows=0",
-         "trainer.max_steps=2", "trainer.micro_batch_size=2", "data.max_length=96", "data.max_validation_rows=4",
-         "cluster.cpu_workers=1"]
+FIXED = [*tiny_llama_run(), "strategy=lora", "trainer.eval_generate_rows=0", "trainer.max_steps=2",
+         "trainer.micro_batch_size=2", "data.max_length=96", "data.max_validation_rows=4", "cluster.cpu_workers=1"]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ CASES = [
     ("batch not divisible", ["trainer.global_batch_size=33", "trainer.micro_batch_size=8"], None,
      "trainer.global_batch_size=33 is not allowed: it must be a multiple of workers x micro-batch = 2 x 8 = 16"),
     ("qlora without gpu", ["strategy=qlora"], None, "strategy=qlora needs a GPU"),
-    ("task mismatch", ["model=tiny_llama", "model.path=builtin:tiny-llama"], None,
+    ("task mismatch", ["model=tiny_llama"], None,
      "data.path=sample:legal_clauses holds classification data, which needs model.task=classification"),
     ("malformed jsonl", [], jsonl(GOOD, '{"text": "oops", "label": '), "{data}/train.jsonl:2: not valid JSON"),
     ("row not an object", [], jsonl(GOOD, '["a", "b"]'), "{data}/train.jsonl:2: expected a JSON object, got list"),

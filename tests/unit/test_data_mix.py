@@ -13,9 +13,9 @@ from orchestrator.data import describe_data, encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, mix_row_weights
 from orchestrator.errors import UserError
 from orchestrator.model import load_tokenizer
-from tests.conftest import compose_run
+from tests.conftest import compose_run, tiny_llama_run
 
-LLM = ["model=tiny_llama", "data=legal_instructions", "data.format=auto"]  # auto: each dataset its own format
+LLM = [*tiny_llama_run(), "data.format=auto"]  # auto: each dataset its own format
 
 
 def write_jsonl(path: Path, rows) -> str:

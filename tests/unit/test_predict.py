@@ -1,5 +1,5 @@
-"""`python -m orchestrator.predict` and the export's model card, on tiny exports built here (no training):
-a classifier and a causal LM, each saved as safetensors with the bundled WordPiece tokenizer."""
+"""`python -m orchestrator.predict` and the export's model card, on tiny exports (no training): a classifier built
+here and the tests' tiny Llama (tests/conftest.py), each saved as safetensors with the bundled WordPiece tokenizer."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from orchestrator.config import DataConfig, ModelConfig, RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.formats import IGNORE_INDEX
-from orchestrator.model import load_tokenizer, resolve_model_path
+from orchestrator.model import load_tokenizer
 from orchestrator.model_card import write_model_card
 from orchestrator.predict import Predictor, main
 
@@ -46,15 +46,8 @@ def classifier_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def causal_dir(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("causal")
-    config = LlamaConfig.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+def causal_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir  # the tiny Llama with fixed random weights and the bundled tokenizer (tests/conftest.py)
 
 
 def write_jsonl(path: Path, rows) -> str:
