@@ -119,7 +119,7 @@ def render(run: RunConfig, plan: Plan, resources: ClusterResources, overrides: S
     job["metadata"] = {
         "name": name, "namespace": k.namespace,
         "labels": {"app.kubernetes.io/name": "orchestrator", "app.kubernetes.io/managed-by": "orchestrator",
-                   "orchestrator/experiment": label_value(run.name), "orchestrator/strategy": plan.strategy},
+                   "orchestrator/experiment": label_value(run.name), "orchestrator/strategy": plan.strategy.value},
         "annotations": {"orchestrator/plan": plan_line(plan)},
     }
     spec = job["spec"]

@@ -5,21 +5,21 @@ how an adapted model is exported (merged into full weights where peft can merge,
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from orchestrator.config import PeftConfig, Task
+from orchestrator.config import PeftConfig, Strategy, Task
 from orchestrator.errors import UserError
 
-ADAPTER_STRATEGIES = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
-MERGEABLE = ("lora", "dora", "ia3")  # peft can fold these into the base weights
+# kept until train_loop moves to Strategy.uses_adapters
+ADAPTER_STRATEGIES = tuple(s for s in Strategy if s.uses_adapters)
 
 
-def quantization_config(strategy: str):
+def quantization_config(strategy: Union[Strategy, str]):
     """QLoRA's base model: 4-bit NF4 with double quantisation, bf16 compute (bitsandbytes, CUDA only)."""
-    if strategy != "qlora":
+    if not Strategy(strategy).quantized:
         return None
     if not torch.cuda.is_available():
         raise UserError("strategy=qlora needs a GPU: bitsandbytes' 4-bit kernels are CUDA-only; "
@@ -34,26 +34,28 @@ def quantization_config(strategy: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def apply_adapter(model: nn.Module, strategy: str, cfg: PeftConfig, task: Task, freeze_depth: int = 0) -> nn.Module:
+def apply_adapter(model: nn.Module, strategy: Union[Strategy, str], cfg: PeftConfig, task: Task,
+                  freeze_depth: int = 0) -> nn.Module:
     """Freeze the model and add the strategy's trainable adapter (classification heads stay trainable).
     With model.freeze_depth=k, LoRA/DoRA adapters go only into the blocks above the bottom k."""
     import peft
 
+    strategy = Strategy(strategy)
     task_type = peft.TaskType.SEQ_CLS if task is Task.classification else peft.TaskType.CAUSAL_LM
     targets = cfg.target_modules
-    if strategy in ("lora", "qlora", "dora"):
-        if strategy == "qlora":
+    if strategy.low_rank:
+        if strategy.quantized:
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         layers = model.config.num_hidden_layers
         config = peft.LoraConfig(task_type=task_type, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                 target_modules=targets, use_dora=strategy == "dora",
+                                 target_modules=targets, use_dora=strategy is Strategy.dora,
                                  layers_to_transform=list(range(freeze_depth, layers)) if freeze_depth else None)
-    elif strategy == "ia3":
+    elif strategy is Strategy.ia3:
         config = peft.IA3Config(task_type=task_type, target_modules=targets,
                                 feedforward_modules=_feedforward(targets))
-    elif strategy == "prefix":
+    elif strategy is Strategy.prefix:
         config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
-    elif strategy == "prompt":
+    elif strategy is Strategy.prompt:
         config = peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
     else:
         raise ValueError(strategy)
@@ -72,9 +74,9 @@ def _feedforward(targets: Optional[list]) -> Optional[list]:
                                                         "intermediate", "output.dense"))]
 
 
-def export_adapted(model: nn.Module, strategy: str, cfg: PeftConfig, directory: str) -> None:
+def export_adapted(model: nn.Module, strategy: Union[Strategy, str], cfg: PeftConfig, directory: str) -> None:
     """Rank 0, weights complete: the adapter always; and, where peft can merge it, a full model too."""
     model.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
-    if cfg.merge and strategy in MERGEABLE:
+    if cfg.merge and Strategy(strategy).mergeable:
         merged = model.merge_and_unload()
         merged.save_pretrained(directory, safe_serialization=True, max_shard_size="5GB")

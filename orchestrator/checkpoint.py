@@ -25,6 +25,7 @@ import numpy as np
 import ray.train
 import torch
 
+from orchestrator.config import Strategy
 from orchestrator.errors import UserError
 
 DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint: every rank's ZeRO shards
@@ -102,10 +103,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_hf(engine, model, tokenizer, strategy: str, peft_config, directory: str) -> None:
-    from orchestrator.adapters import ADAPTER_STRATEGIES, export_adapted
+def export_hf(engine, model, tokenizer, strategy: Strategy, peft_config, directory: str) -> None:
+    from orchestrator.adapters import export_adapted
 
-    if strategy in ADAPTER_STRATEGIES:
+    if Strategy(strategy).uses_adapters:
         with gathered(engine, model):  # adapters and base complete on every rank for the merge
             if engine.global_rank == 0:
                 export_adapted(model, strategy, peft_config, directory)

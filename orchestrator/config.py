@@ -39,7 +39,9 @@ class DataFormat(Enum):
     text = "text"  # {"text"} alone: continued pretraining, loss on every token
 
 
-class Strategy(Enum):
+class Strategy(str, Enum):
+    """A training strategy. A str (the value), so that it compares, formats and serialises as its name."""
+
     auto = "auto"  # the planner decides from the cluster and the model
     full = "full"  # full-parameter, DeepSpeed ZeRO-3
     full_offload = "full_offload"  # ZeRO-3 with optimizer state and parameters offloaded to CPU
@@ -49,6 +51,39 @@ class Strategy(Enum):
     ia3 = "ia3"  # learned rescaling of keys, values and feed-forward activations
     prefix = "prefix"  # prefix tuning: trained key/value prefixes in every layer
     prompt = "prompt"  # prompt tuning: trained soft-prompt embeddings
+
+    __str__ = str.__str__  # "lora", not "Strategy.lora" (f-strings, str(), file contents)
+    __format__ = str.__format__
+
+    @property
+    def uses_adapters(self) -> bool:
+        """The base model is frozen and peft adds trainable adapters (adapters.py)."""
+        return self in (Strategy.lora, Strategy.qlora, Strategy.dora, Strategy.ia3, Strategy.prefix, Strategy.prompt)
+
+    @property
+    def low_rank(self) -> bool:
+        """LoRA-family adapters: low-rank updates of the base weights (peft.LoraConfig)."""
+        return self in (Strategy.lora, Strategy.qlora, Strategy.dora)
+
+    @property
+    def mergeable(self) -> bool:
+        """peft can fold the trained adapter into the base weights for the export."""
+        return self in (Strategy.lora, Strategy.dora, Strategy.ia3)
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen base model is loaded in 4-bit NF4 (bitsandbytes, CUDA only)."""
+        return self is Strategy.qlora
+
+    @property
+    def full_parameters(self) -> bool:
+        """Every parameter trains (above model.freeze_depth), no adapters."""
+        return self in (Strategy.full, Strategy.full_offload)
+
+    @property
+    def offloads(self) -> bool:
+        """ZeRO-3 keeps parameters and optimizer state in host memory."""
+        return self is Strategy.full_offload
 
 
 class Overlong(Enum):
@@ -85,10 +120,24 @@ class FusedKernels(Enum):
     off = "off"
 
 
-class Precision(Enum):
+class Precision(str, Enum):
+    """Training precision. A str (the value), as Strategy."""
+
     auto = "auto"  # bf16 on GPU, fp32 on CPU
     bf16 = "bf16"
     fp32 = "fp32"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def torch_dtype(self):
+        """The weights' torch dtype; auto has none until the plan resolves it."""
+        import torch  # here: the CLI composes and plans without importing torch
+
+        if self is Precision.auto:
+            raise ValueError("precision auto has no dtype: the plan resolves it to bf16 or fp32")
+        return torch.bfloat16 if self is Precision.bf16 else torch.float32
 
 
 @dataclass

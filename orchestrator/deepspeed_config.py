@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.config import RunConfig
+from orchestrator.config import Precision, RunConfig
 from orchestrator.plan import Plan
 
 
@@ -12,7 +12,7 @@ def deepspeed_config(run: RunConfig, plan: Plan) -> dict:
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.global_batch_size,
         "gradient_clipping": run.optim.grad_clip,
-        "bf16": {"enabled": plan.precision == "bf16"},
+        "bf16": {"enabled": plan.precision is Precision.bf16},
         "zero_optimization": {
             "stage": plan.zero_stage,
             **({"offload_optimizer": {"device": "cpu", "pin_memory": True},

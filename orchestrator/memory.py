@@ -24,7 +24,9 @@ Overhead: CUDA context, NCCL buffers, allocator slack: 1.5 GiB + 8% of the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
+
+from orchestrator.config import Strategy
 
 GIB = 2**30
 OPTIMIZER_BYTES = 12  # fp32 master weights + AdamW exp_avg + exp_avg_sq
@@ -110,28 +112,29 @@ class Estimate:
         return self.total / GIB
 
 
-def estimate(strategy: str, shape: ModelShape, workers: int, tokens_per_micro_batch: int, checkpointing: bool,
-             lora_rank: int = 16, freeze_depth: int = 0, fused_loss: bool = False) -> Estimate:
+def estimate(strategy: Union[Strategy, str], shape: ModelShape, workers: int, tokens_per_micro_batch: int,
+             checkpointing: bool, lora_rank: int = 16, freeze_depth: int = 0, fused_loss: bool = False) -> Estimate:
     """Peak memory per GPU for one of: full, full_offload, lora, qlora (freeze depth applies to full)."""
-    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing, strategy == "qlora",
+    strategy = Strategy(strategy)
+    activations = tokens_per_micro_batch * shape.activation_bytes_per_token(checkpointing, strategy.quantized,
                                                                             fused_loss)
     p = shape.params
     # ZeRO-3 gathers a layer at a time, and prefetches the next: two blocks live, in bf16
     gathered = 2 * min(2 * shape.block_params, LIVE_PARAMETER_LIMIT)
-    if strategy == "full":
+    if strategy is Strategy.full:
         trainable = p - freeze_depth * shape.block_params - (shape.embedding_params if freeze_depth else 0)
         return Estimate(weights=2 * p / workers, gradients=2 * trainable / workers,
                         optimizer=OPTIMIZER_BYTES * trainable / workers, activations=activations, gathered=gathered)
-    if strategy == "full_offload":
+    if strategy is Strategy.full_offload:
         # parameters, gradients and optimizer live in host memory; the GPU holds what is gathered for
         # compute and the gradient reduction buckets
         return Estimate(weights=0, gradients=2 * 5e7, optimizer=0, activations=activations, gathered=gathered)
     adapters = shape.lora_params(lora_rank)
-    if strategy == "lora":
+    if strategy is Strategy.lora:
         weights = 2 * p / workers if workers > 1 else 2 * p
         return Estimate(weights=weights, gradients=4 * adapters, optimizer=OPTIMIZER_BYTES * adapters,
                         activations=activations, gathered=gathered if workers > 1 else 0)
-    if strategy == "qlora":
+    if strategy is Strategy.qlora:
         blocks = shape.layers * shape.block_params
         weights = NF4_BYTES * blocks + 4 * (p - blocks)
         return Estimate(weights=weights, gradients=4 * adapters, optimizer=OPTIMIZER_BYTES * adapters,

