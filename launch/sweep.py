@@ -174,7 +174,7 @@ class RayTrialLauncher(Launcher):
         written = write_summary(sweep_dir, records, mode)
         print(f"\nsweep: {len(records)} trials, {sum(r['status'] == 'completed' for r in records)} completed "
               f"(best: {mode} {metric}, starred)\n{written['table']}", flush=True)
-        for kind in ("csv", "markdown", "plot", "best"):
+        for kind in ("csv", "markdown", "plot", "best", "best_export"):
             if kind in written:
                 print(f"{kind}: {written[kind]}", flush=True)
         return [self._job_return(t) for t in trials]

@@ -184,6 +184,18 @@ def best_overrides_line(record: Dict[str, Any]) -> str:
     return " ".join(overrides) + "\n"
 
 
+def link_best_export(sweep_dir: str, best: Dict[str, Any]) -> Dict[str, str]:
+    """<sweep_dir>/best_export: a link to the best trial's export, the model the sweep hands back."""
+    export = os.path.join(best["run_dir"], "export")
+    if not os.path.isdir(export):
+        return {}
+    link = os.path.join(sweep_dir, "best_export")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.relpath(export, sweep_dir), link)
+    return {"best_export": link}
+
+
 def read_records(sweep_dir: str) -> List[Dict[str, Any]]:
     """Every trial.json directly below the sweep directory (all batches of the sweep so far)."""
     records = []
@@ -212,6 +224,7 @@ def write_summary(sweep_dir: str, records: Sequence[Dict[str, Any]], mode: str) 
         with open(best_path, "w", encoding="utf-8") as handle:
             handle.write(best_overrides_line(best))
         written["best"] = best_path
+        written.update(link_best_export(sweep_dir, best))
     elif os.path.exists(best_path):
         os.remove(best_path)
     return written

@@ -25,8 +25,11 @@ from orchestrator.config import Launcher, RunConfig, config_dict, register_schem
 from orchestrator.errors import UserError, report_user_error
 from orchestrator.model_card import write_model_card
 from orchestrator.plots import save_run_plots
-from orchestrator.preflight import DataCheck, preflight
-from orchestrator.preflight import resume_from  # noqa: F401 - moved to preflight; importable from here as before
+from orchestrator.preflight import (
+    DataCheck,
+    preflight,
+    resume_from,  # noqa: F401 - moved to preflight; importable from here as before
+)
 
 if TYPE_CHECKING:
     from orchestrator.plan import ClusterResources

@@ -186,25 +186,38 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5  # peak learning rate
-    weight_decay: float = 0.0
+    # null = the default for the strategy the planner chose and the task (orchestrator/hyperparameters.py, printed
+    # with the plan): LoRA trains at ten times the full fine-tuning rate, prompt tuning at a thousand
+    lr: Optional[float] = None  # peak learning rate
+    lr_scale: float = 1.0  # multiplies the strategy's default rate where lr is null (the tuner, +sweep=auto, sweeps it)
+    weight_decay: Optional[float] = None
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_ratio: float = 0.1  # share of trainer.max_steps spent warming up linearly from 0
-    schedule: Schedule = Schedule.cosine  # decay after warmup
+    warmup_ratio: Optional[float] = None  # share of the run's optimizer steps spent warming up linearly from 0
+    schedule: Optional[Schedule] = None  # decay after warmup
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    class_weighting: ClassWeighting = ClassWeighting.none  # classification: weight the loss by class rarity
+    # classification: weight the loss by class rarity; null = balanced (measured best on UNFAIR-ToS), or none
+    # with balanced_sampling
+    class_weighting: Optional[ClassWeighting] = None
     balanced_sampling: bool = False  # classification: draw batches with classes equally likely
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100  # optimizer steps
+    # how long: epochs over the training rows (null = the task's default: 5 for classification, 3 for causal LM);
+    # the optimizer steps follow from the rows, the global batch, packing and mixes, and the plan prints them
+    epochs: Optional[float] = None
+    epochs_scale: float = 1.0  # multiplies the task's default epochs where epochs is null (swept by +sweep=auto)
+    max_steps: Optional[int] = None  # optimizer steps; when set, it wins over epochs
     # rows per worker per forward pass; null = the planner picks the largest that fits (needs global_batch_size)
-    micro_batch_size: Optional[int] = 8
+    micro_batch_size: Optional[int] = 16
     grad_accum: int = 1  # micro-batches per optimizer step (ignored when global_batch_size is set)
     global_batch_size: Optional[int] = None  # rows per optimizer step; sets grad_accum = this / (workers * micro)
-    eval_every: int = 0  # steps between evaluations (0 = only before and after training)
+    eval_every: Optional[int] = None  # steps between evaluations; null = once per epoch; 0 = only before and after
+    # model selection: the weights of the evaluation with the best eval/<select_metric> are exported
+    select_metric: str = "auto"  # auto = macro_f1 (classification) or loss (causal LM); or any eval/* metric
+    select_best: bool = True  # false: export the last weights (the best evaluation is still reported)
+    patience: int = 0  # stop after this many evaluations without improvement of select_metric (0 = never)
     early_stopping: bool = False  # sweeps: stop when the validation metric is worse than the other trials' median
     early_stopping_metric: str = "loss"  # the validation metric it compares (eval/<name>), at every eval_every
     early_stopping_mode: str = "min"  # "min" (a loss) or "max" (accuracy, macro_f1)
@@ -323,7 +336,15 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(run: RunConfig) -> None:
     """Checks that types cannot express. Each failure names the key, the value and what is allowed."""
     t, o, m, d, p = run.trainer, run.optim, run.model, run.data, run.peft
-    _check(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "an integer >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps,
+           "an integer >= 1, or null (trainer.epochs decides)")
+    _check(t.epochs is None or (math.isfinite(t.epochs) and t.epochs > 0), "trainer.epochs", t.epochs,
+           "a number > 0 (epochs over the training rows), or null (the task's default)")
+    _check(t.epochs_scale > 0, "trainer.epochs_scale", t.epochs_scale, "a number > 0")
+    _check(o.lr_scale > 0, "optim.lr_scale", o.lr_scale, "a number > 0")
+    _check(t.patience >= 0, "trainer.patience", t.patience, "an integer >= 0 (0 = never stop early)")
+    _check(bool(t.select_metric.strip()), "trainer.select_metric", t.select_metric,
+           "auto, or the name of a validation metric such as macro_f1, accuracy, loss")
     _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size,
            "an integer >= 1, or null (the planner picks the largest that fits)")
     _check(t.micro_batch_size is not None or t.global_batch_size is not None, "trainer.micro_batch_size",
@@ -331,17 +352,21 @@ def validate(run: RunConfig) -> None:
     _check(t.grad_accum >= 1, "trainer.grad_accum", t.grad_accum, "an integer >= 1")
     _check(t.global_batch_size is None or t.global_batch_size >= 1, "trainer.global_batch_size",
            t.global_batch_size, "an integer >= 1, or null")
-    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "an integer >= 0 (0 = before and after only)")
+    _check(t.eval_every is None or t.eval_every >= 0, "trainer.eval_every", t.eval_every,
+           "an integer >= 0 (0 = before and after only), or null (once per epoch)")
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
     _check(t.early_stopping_mode in ("min", "max"), "trainer.early_stopping_mode", t.early_stopping_mode, "min or max")
-    _check(not t.early_stopping or t.eval_every > 0, "trainer.early_stopping", t.early_stopping,
-           "true only with trainer.eval_every > 0 (trials are compared at each evaluation)")
+    _check(not t.early_stopping or t.eval_every != 0, "trainer.early_stopping", t.early_stopping,
+           "true only with trainer.eval_every > 0 or null (evaluations during training: trials are compared at each)")
     _check(t.eval_generate_rows >= 0, "trainer.eval_generate_rows", t.eval_generate_rows, "an integer >= 0 (0 = off)")
     _check(t.eval_max_new_tokens >= 1, "trainer.eval_max_new_tokens", t.eval_max_new_tokens, "an integer >= 1")
-    _check(o.lr > 0, "optim.lr", o.lr, "a number > 0")
-    _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "a number in [0, 1)")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "a number > 0, or null (the strategy's default)")
+    _check(o.warmup_ratio is None or 0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio,
+           "a number in [0, 1), or null (the strategy's default)")
+    _check(o.weight_decay is None or o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+           "a number >= 0, or null (the strategy's default)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "a number >= 0 (0 = no clipping)")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
            "two numbers in [0, 1)")
@@ -371,8 +396,9 @@ def validate(run: RunConfig) -> None:
     if m.task is Task.causal_lm:
         _check(not o.balanced_sampling, "optim.balanced_sampling", o.balanced_sampling,
                "false for model.task=causal_lm (it applies to classification)")
-        _check(o.class_weighting is ClassWeighting.none, "optim.class_weighting", o.class_weighting.value,
-               "none for model.task=causal_lm (it applies to classification)")
+        _check(o.class_weighting in (None, ClassWeighting.none), "optim.class_weighting",
+               getattr(o.class_weighting, "value", None), "none or null for model.task=causal_lm (it applies to "
+               "classification)")
 
 
 def validate_mix(d: DataConfig) -> None:

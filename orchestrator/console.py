@@ -37,10 +37,14 @@ def note(line: str) -> None:
 
 
 def final_summary(metrics: Dict, run: RunConfig) -> None:
-    table = Table(title=f"{run.name}: validation before and after {run.trainer.max_steps} steps")
+    exported = metrics.get("select/exported_step")
+    selected = exported is not None and exported != metrics.get("step")
+    table = Table(title=f"{run.name}: validation before and after {run.trainer.max_steps} steps"
+                        + (f" (exported: step {exported}, the best eval/{metrics.get('select/metric')})"
+                           if selected else ""))
     table.add_column("metric")
     table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table.add_column("after" + (f" (step {exported})" if selected else ""), justify="right")
     for key in sorted(k.removeprefix("eval/") for k in metrics
                       if k.startswith("eval/") and isinstance(metrics[k], (int, float))):
         before = metrics.get(f"eval_before/{key}")

@@ -57,6 +57,11 @@ def write_model_card(export_dir: str, config: Dict[str, Any], metrics: Dict[str,
     lines += [f"| {key} | `{value}` |" for key, value in _highlights(config, strategy)]
 
     table = _metric_rows(metrics)
+    if metrics.get("select/exported_step") is not None:
+        lines += ["", f"These are the weights of step {metrics['select/exported_step']} of {metrics.get('step')}: the "
+                      f"evaluation with the best validation {metrics.get('select/metric')} "
+                      f"({metrics.get('select/best_value', float('nan')):.4f}). Being chosen on validation, its "
+                      "validation figures below are optimistic; judge it on rows it never saw."]
     if table:
         lines += ["", "## Validation metrics", "", "| metric | before | after |", "| --- | ---: | ---: |"]
         lines += [f"| {key} | {before} | {after} |" for key, before, after in table]
@@ -121,7 +126,8 @@ def _highlights(config: Dict[str, Any], strategy: Strategy) -> List[tuple]:
     rows = [("base model", model.get("path")), ("task", model.get("task")), ("strategy", strategy.value),
             ("data", data.get("path")), ("data format", data.get("format")), ("max length (tokens)",
                                                                               data.get("max_length")),
-            ("optimizer steps", trainer.get("max_steps")), ("micro-batch per worker", trainer.get("micro_batch_size")),
+            ("epochs", trainer.get("epochs")), ("optimizer steps", trainer.get("max_steps")),
+            ("micro-batch per worker", trainer.get("micro_batch_size")),
             ("global batch", trainer.get("global_batch_size") or f"micro x workers x {trainer.get('grad_accum')}"),
             ("learning rate", optim.get("lr")), ("schedule", f"{optim.get('schedule')}, warmup "
                                                              f"{optim.get('warmup_ratio')}"),

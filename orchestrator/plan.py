@@ -76,6 +76,14 @@ class Plan:
     fused_kernels: bool = False  # Liger Kernel (orchestrator/kernels.py)
     fused_kernels_reason: str = ""
     micro_batch_reason: str = ""  # set where the planner picked the micro-batch (trainer.micro_batch_size=null)
+    # how long and at what rates (orchestrator/hyperparameters.py; filled by preflight once the data is counted)
+    max_steps: int = 0  # optimizer steps of the whole run
+    steps_per_epoch: int = 0
+    steps_reason: str = ""
+    eval_every: int = 0  # steps between validation evaluations (0 = before and after only)
+    select_metric: str = "loss"  # eval/<this> chooses the exported weights
+    selection_reason: str = ""
+    hyperparameters: dict = field(default_factory=dict)  # key -> {value, source}: what the strategy's defaults filled
 
     def __post_init__(self):  # a plan built by hand (benchmarks) may name them as strings
         self.strategy, self.precision = Strategy(self.strategy), Precision(self.precision)
@@ -265,4 +273,15 @@ def describe(plan: Plan, gpu_memory_gb: Optional[float]) -> str:
                if plan.predicted_gib_per_gpu else "") +
             f"\nwhy: {plan.reason}"
             f"\nfused kernels: {'on' if plan.fused_kernels else 'off'} ({plan.fused_kernels_reason})"
-            + (f"\nmicro-batch: {plan.micro_batch_reason}" if plan.micro_batch_reason else ""))
+            + (f"\nmicro-batch: {plan.micro_batch_reason}" if plan.micro_batch_reason else "")
+            + (f"\nsteps: {plan.steps_reason}" if plan.steps_reason else "")
+            + (f"\nselection: {plan.selection_reason}" if plan.selection_reason else "")
+            + _describe_hyperparameters(plan.hyperparameters))
+
+
+def _describe_hyperparameters(rows: dict) -> str:
+    """One line per source: "optim.lr=5e-05, optim.warmup_ratio=0.1: full default: <where it comes from>"."""
+    by_source: dict = {}
+    for key, row in rows.items():
+        by_source.setdefault(row["source"], []).append(f"{key}={row['value']}")
+    return "".join(f"\nhyperparameters: {', '.join(keys)} ({source})" for source, keys in by_source.items())

@@ -32,11 +32,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", help="write predictions here as JSONL (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="causal LM: tokens to generate per row")
     parser.add_argument("--batch-size", type=int, default=16, help="classification: rows per forward pass")
-    parser.add_argument("--max-length", type=int, default=512, help="input tokens kept per row")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="input tokens kept per row (default: a classifier's training data.max_length, which its "
+                        "export's tokenizer holds as model_max_length; else 512)")
     parser.add_argument("--score", action="store_true", help="score the predictions against the rows' answers")
     args = parser.parse_args(argv)
     try:
-        if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_length < 8:
+        if args.max_new_tokens < 1 or args.batch_size < 1 or (args.max_length is not None and args.max_length < 8):
             raise UserError("--max-new-tokens and --batch-size must be >= 1, --max-length >= 8")
         rows = read_input(args.input, export_task(args.export_dir))  # a bad row fails before the model loads
         predictor = Predictor(args.export_dir, max_length=args.max_length)
@@ -151,7 +153,7 @@ def _read_json(path: str) -> dict:
 class Predictor:
     """An export loaded for inference: the task from config.json's architectures, weights from safetensors."""
 
-    def __init__(self, export_dir: str, max_length: int = 512, device: Optional[str] = None):
+    def __init__(self, export_dir: str, max_length: Optional[int] = None, device: Optional[str] = None):
         import torch
         import transformers
 
@@ -163,6 +165,9 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self._load_model()
         self.tokenizer = self._load_tokenizer()
+        if self.max_length is None:  # the length the classifier was trained on; a tokenizer's unset one is huge
+            trained = getattr(self.tokenizer, "model_max_length", None) or 0
+            self.max_length = trained if self.task == "classification" and 8 <= trained <= 100_000 else 512
         self.model.to(self.device).eval()
 
     def _load_model(self):

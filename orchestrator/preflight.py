@@ -85,12 +85,14 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         console.data_summary(raw)
     elif data is DataCheck.where_present:
         console.note(f"data.path={run.data.path} is not on this machine: the job reads it in the cluster")
+    train_rows = len(raw.train) if raw is not None else None
     if runs_here:
         if not run.dry_run:
-            check_encoded(run, raw)
+            train_rows = check_encoded(run, raw)  # after packing: the rows an epoch draws
         resume_from(run)
     planned_for = resources()
     plan = make_plan(run, planned_for, model_config)
+    plan_recipe(run, plan, train_rows, apply=runs_here)
     if report:
         print(describe(plan, planned_for.gpu_memory_gb), flush=True)
         plan.save(run.run_dir)
@@ -98,6 +100,31 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         # null left the micro-batch to the planner; from here on the run holds its pick (evaluation batches, model card)
         run.trainer.micro_batch_size = plan.micro_batch_size
     return Preflight(plan=plan, resources=planned_for, model_config=model_config, raw_data=raw)
+
+
+def plan_recipe(run: RunConfig, plan: Plan, train_rows: Optional[int], apply: bool) -> None:
+    """The strategy's hyperparameters where the user set none, the run's length in steps, when it evaluates and
+    what selects the exported weights, into the plan (and, with `apply`, into the run the workers get)."""
+    from orchestrator import hyperparameters
+
+    resolved = hyperparameters.resolve(run, plan.strategy)
+    epochs = resolved["trainer.epochs"].value if "trainer.epochs" in resolved else None
+    length = hyperparameters.training_length(run, epochs, train_rows, plan.global_batch_size)
+    plan.max_steps, plan.steps_per_epoch, plan.steps_reason = length.max_steps, length.steps_per_epoch, length.reason
+    if train_rows is None:
+        plan.steps_reason += " (the training rows are counted where the run starts)"
+    every = run.trainer.eval_every
+    plan.eval_every = length.steps_per_epoch if every is None else every
+    plan.select_metric = hyperparameters.selection_metric(run)
+    when = "once per epoch" if every is None else (f"every {every} steps" if every else "after training only")
+    exported = (f"the weights of the evaluation with the best eval/{plan.select_metric} (the last one included)"
+                if run.trainer.select_best else "the last weights (trainer.select_best=false)")
+    plan.selection_reason = f"validation {when} ({plan.eval_every or '-'} steps); exported: {exported}" + (
+        f"; stop after {run.trainer.patience} evaluations without improvement" if run.trainer.patience else "")
+    plan.hyperparameters = hyperparameters.as_json(resolved)
+    if apply:
+        hyperparameters.apply(run, resolved)
+        run.trainer.max_steps, run.trainer.eval_every = plan.max_steps, plan.eval_every
 
 
 def make_paths_absolute(run: RunConfig, base: str) -> None:
@@ -120,9 +147,10 @@ def data_on_this_machine(run: RunConfig) -> bool:
     return all(p is None or p.startswith("sample:") or os.path.exists(p) for p in paths)
 
 
-def check_encoded(run: RunConfig, raw) -> None:
+def check_encoded(run: RunConfig, raw) -> int:
     """Tokenize once on the driver: prints the data report, fills the cache that the workers then read,
-    and stops before any worker starts when rows are too long and data.overlong=fail."""
+    and stops before any worker starts when rows are too long and data.overlong=fail. Returns the number of
+    training rows (examples after packing)."""
     from orchestrator.data import describe_data, encode_data
     from orchestrator.model import load_tokenizer
 
@@ -133,6 +161,7 @@ def check_encoded(run: RunConfig, raw) -> None:
         raise UserError(f"data.path={run.data.path}: {data.train_report.truncated} train and "
                         f"{data.validation_report.truncated} validation rows are longer than data.max_length="
                         f"{run.data.max_length} tokens; raise data.max_length, or set data.overlong=truncate")
+    return len(data.train)
 
 
 def resume_from(run: RunConfig) -> None:

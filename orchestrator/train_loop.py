@@ -6,8 +6,8 @@ Read `Recipe.run` first: the phases in order, each a method below it.
     build_data     tokenizer, encoded rows, class weights, the global batch schedule
     build_engine   the model (partitioned by ZeRO-3 as it is built), adapters, optimizer, schedule, engine
     restore        a checkpoint (resume=, or the newest one after a worker failure) into engine and TrainState
-    train          evaluate, then train_step after train_step (evaluating / checkpointing every k)
-    finish         the final evaluation, then checkpoint + consolidated export (or metrics alone)
+    train          evaluate, then train_step after train_step (evaluating, selecting and checkpointing every k)
+    finish         the final evaluation (of the selected weights), then checkpoint + consolidated export
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from orchestrator.optimization import make_optimizer, make_scheduler
 from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.restarts import FaultDrill, Progress, restart_checkpoint
+from orchestrator.selection import Selection, WeightSnapshot
 from orchestrator.timing import PhaseTimer, peak_gpu_memory
 from orchestrator.tracking import Tracker
 from orchestrator.train_state import StepMetrics, TrainState
@@ -64,6 +65,7 @@ class Recipe:
     def __init__(self, worker: WorkerInput):
         self.run_config, self.plan, self.worker = worker.run, worker.plan, worker
         self.task = self.run_config.model.task
+        self.total_steps = self.plan.max_steps  # from trainer.epochs or trainer.max_steps (plan.py)
         self.timer = PhaseTimer()
 
     def run(self) -> None:
@@ -100,6 +102,8 @@ class Recipe:
         """Every rank reads and encodes the same rows; the schedule decides who trains on which."""
         run = self.run_config
         self.tokenizer = load_tokenizer(run.model)
+        if self.task is Task.classification:  # the export's tokenizer then truncates as training did (predict.py)
+            self.tokenizer.model_max_length = run.data.max_length
         self.data = data = encode_data(read_data(run.data, self.task, run.trainer.seed), self.tokenizer,
                                        run.data.max_length)
         self.class_weights = None
@@ -137,7 +141,7 @@ class Recipe:
             model = apply_adapter(model, plan.strategy, run.peft, self.task, run.model.freeze_depth)
         self.model = model
         optimizer = make_optimizer(model, run, device, paged=plan.strategy == "qlora")
-        self.scheduler = make_scheduler(optimizer, run)
+        self.scheduler = make_scheduler(optimizer, run, self.total_steps)
         if plan.zero_stage == 3:
             self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      lr_scheduler=self.scheduler, config=ds_config)
@@ -155,17 +159,24 @@ class Recipe:
         self.progress = Progress(os.path.join(run.run_dir, "progress.json"), enabled=self.rank == 0)
         if checkpoint is not None:  # a restart inside this run: the steps since that checkpoint run again
             self.state.count_restart(self.progress.last_step())
-        self.tracker = Tracker(run.logger, self.rank == 0, run.name, run.run_dir, run.trainer.max_steps,
+        self.tracker = Tracker(run.logger, self.rank == 0, run.name, run.run_dir, self.total_steps,
                                config_dict(run), bar=self.worker.progress_bar)
         if self.state.step:
             self.tracker.note(f"resumed at step {self.state.step}" + (
                 f" after {self.state.restarts} restart(s), {self.state.repeated_steps} step(s) repeated"
                 if checkpoint is not None else ""))
+        self.selection = Selection.from_notes(self.state.notes, self.plan.select_metric)
+        self.snapshot = WeightSnapshot(self.engine)
+        if self.selection.best_step is not None and self.selection.best_step < self.state.step:
+            # the best weights lived in host memory and did not survive into this process: choose anew
+            self.tracker.note(f"selection: the weights of step {self.selection.best_step} are not in the checkpoint; "
+                              f"choosing again among the evaluations from step {self.state.step} on")
+            self.selection = Selection(self.selection.metric)
 
     # --- training -----------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        trainer, state = self.run_config.trainer, self.state
+        trainer, state, plan = self.run_config.trainer, self.state, self.plan
         if state.step == 0:
             with self.timer("eval_before"):  # inside "command to first step", so timed apart from later evaluations
                 state.notes.update(prefixed("eval_before", self.validate()))
@@ -174,7 +185,7 @@ class Recipe:
         state.notes["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
         self.last_metrics: Dict[str, Any] = {}  # stays empty when resuming a run that had already finished
 
-        for step in range(state.step, trainer.max_steps):
+        for step in range(state.step, self.total_steps):
             if self.worker.fault:
                 self.worker.fault.strike(self.rank, step + 1)
             with self.timer("train"):
@@ -182,19 +193,18 @@ class Recipe:
             state.record(measured)
             metrics = self.last_metrics = measured.as_metrics()
             done = state.step
-            stop = False
-            if trainer.eval_every and done % trainer.eval_every == 0 and done < trainer.max_steps:
+            stop = ""
+            if plan.eval_every and done % plan.eval_every == 0 and done < self.total_steps:
                 with self.timer("eval"):
                     metrics.update(prefixed("eval", self.validate()))
-                stop = self.falls_behind(done, metrics)
+                stop = self.select(done, metrics) or self.falls_behind(done, metrics)
             self.tracker.log(done, metrics)
             self.progress.record(done)
             if stop:
                 state.notes["train/stopped_early_at"] = done
-                self.tracker.note(f"stopped early at step {done}: eval/{trainer.early_stopping_metric} is worse "
-                                  "than the median of the other trials'")
+                self.tracker.note(f"stopped early at step {done}: {stop}")
                 break
-            if trainer.checkpoint_every and done % trainer.checkpoint_every == 0 and done < trainer.max_steps:
+            if trainer.checkpoint_every and done % trainer.checkpoint_every == 0 and done < self.total_steps:
                 self.save_checkpoint(metrics)
 
     def train_step(self, step: int) -> StepMetrics:
@@ -237,14 +247,46 @@ class Recipe:
         return forgetting_metrics(self.engine, self.data, self.task, self.plan.micro_batch_size,
                                   self.tokenizer.pad_token_id, self.device, when)
 
-    def falls_behind(self, step: int, metrics: Dict[str, Any]) -> bool:
+    def select(self, step: int, metrics: Dict[str, Any]) -> str:
+        """Model selection on this evaluation: keep the weights if they are the best so far. Returns why to stop
+        (trainer.patience evaluations without improvement), else ""."""
+        selection = self.selection
+        if selection.observe(step, metrics.get(f"eval/{selection.metric}")) and self.run_config.trainer.select_best:
+            self.snapshot.take()
+        self.state.notes.update(selection.to_notes())
+        patience = self.run_config.trainer.patience
+        if patience and selection.evaluations_since_best >= patience:
+            return (f"eval/{selection.metric} has not improved on step {selection.best_step}'s "
+                    f"{selection.best_value:.4f} for {patience} evaluation(s) (trainer.patience)")
+        return ""
+
+    def falls_behind(self, step: int, metrics: Dict[str, Any]) -> str:
         """Sweeps with trainer.early_stopping: the median stopping rule against the sibling trials."""
         trainer = self.run_config.trainer
         if not trainer.early_stopping:
-            return False
-        return early_stopping.falls_behind(self.run_config.run_dir, step,
-                                           metrics.get(f"eval/{trainer.early_stopping_metric}"),
-                                           trainer.early_stopping_mode, self.rank, self.device)
+            return ""
+        behind = early_stopping.falls_behind(self.run_config.run_dir, step,
+                                             metrics.get(f"eval/{trainer.early_stopping_metric}"),
+                                             trainer.early_stopping_mode, self.rank, self.device)
+        return (f"eval/{trainer.early_stopping_metric} is worse than the median of the other trials'"
+                if behind else "")
+
+    def choose_final_weights(self, final_eval: Dict[str, Any]) -> Dict[str, Any]:
+        """The last weights compete with the best evaluated ones. Where an earlier evaluation wins (and
+        trainer.select_best), its weights are put back and evaluated again, so that the final report and the export
+        describe the selected model; the last weights' figures stay as eval_last/*. Returns what to add to the
+        final evaluation: those, and select/*."""
+        selection, step = self.selection, self.state.step
+        last_wins = selection.observe(step, final_eval.get(f"eval/{selection.metric}"), ties_win=True)
+        if last_wins or not self.run_config.trainer.select_best or not self.snapshot.put_back():
+            return {**selection.to_notes(), "select/exported_step": step}
+        chosen = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
+        self.tracker.note(f"selection: exporting the weights of step {selection.best_step} (eval/{selection.metric} "
+                          f"{selection.best_value:.4f}; the last step's: "
+                          f"{final_eval.get(f'eval/{selection.metric}', float('nan')):.4f})")
+        last = {f"eval_last/{key.split('/', 1)[1]}": value for key, value in final_eval.items()
+                if not isinstance(value, list)}
+        return {**chosen, **last, **selection.to_notes(), "select/exported_step": selection.best_step}
 
     # --- saving -------------------------------------------------------------------------------------------------
 
@@ -258,6 +300,7 @@ class Recipe:
         run = self.run_config
         with self.timer("eval"):
             final_eval = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
+            final_eval.update(self.choose_final_weights(final_eval))
             final_eval.update(self.forgetting("after"))
             if self.task is Task.causal_lm:
                 final_eval.update(generated_answers(self.engine, self.data.validation, self.tokenizer, self.device,

@@ -119,14 +119,31 @@ def _find(directory: str, names: Tuple[str, ...]) -> Optional[str]:
 
 def read_splits(path: str, validation_path: Optional[str], validation_fraction: float,
                 seed: int) -> Tuple[List[Row], List[Row]]:
-    """Train and validation rows; without a validation file, a seeded random share of train is held out."""
+    """Train and validation rows; without a validation file, a seeded random share of train is held out:
+    for labelled rows, that share of every label (stratified), so that the rare classes, which decide macro-F1
+    and the selected model, are in validation at their rate rather than by chance."""
     train_file, validation_file = resolve_dataset_files(path, validation_path)
     train = read_rows(train_file)
     if validation_file is not None:
         return train, read_rows(validation_file)
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
     held_out = max(1, int(len(train) * validation_fraction))
     if held_out >= len(train):
         raise UserError(f"data.path={path}: {len(train)} rows are too few to hold out a validation split")
-    return [train[i] for i in order[held_out:]], [train[i] for i in order[:held_out]]
+    labelled = all("label" in row.fields for row in train)
+    groups: Dict[str, List[int]] = {}
+    for i, row in enumerate(train):
+        groups.setdefault(str(row.fields["label"]) if labelled else "", []).append(i)
+    # each label's share of the held_out rows, by largest remainder (the total stays held_out)
+    keys = sorted(groups)
+    exact = {key: held_out * len(groups[key]) / len(train) for key in keys}
+    share = {key: int(exact[key]) for key in keys}
+    for key in sorted(keys, key=lambda k: (share[k] - exact[k], k))[: held_out - sum(share.values())]:
+        share[key] += 1
+    held: List[int] = []
+    for key in keys:
+        members = groups[key]
+        rng.shuffle(members)
+        held += members[:min(share[key], len(members) - 1)]  # every label keeps a training row
+    chosen = set(held)
+    return [row for i, row in enumerate(train) if i not in chosen], [train[i] for i in sorted(held)]

@@ -149,6 +149,7 @@ def run_config(task: Task, **data) -> dict:
     run = RunConfig()
     run.model.task = task
     run.name = "legal"
+    run.optim.lr = 5e-5  # as the preflight resolves it (orchestrator/hyperparameters.py)
     for key, value in data.items():
         setattr(run.data, key, value)
     return config_dict(run)

@@ -112,3 +112,33 @@ def test_a_failed_trial_command_is_explained_by_its_log(tmp_path):
     assert error_in_log(str(log), 2) == "data.path=/x does not exist"
     log.write_text("killed\n")
     assert error_in_log(str(log), -9).startswith("exit code -9")
+
+
+def test_the_best_trials_export_is_linked_from_the_sweep_directory(tmp_path):
+    records = [dict(r, run_dir=str(tmp_path / str(r["num"]))) for r in RECORDS]
+    for r in records:
+        (tmp_path / str(r["num"]) / "export").mkdir(parents=True)
+    written = summary.write_summary(str(tmp_path), records, "max")
+    link = tmp_path / "best_export"
+    assert written["best_export"] == str(link) and link.resolve() == (tmp_path / "1" / "export").resolve()
+    summary.write_summary(str(tmp_path), records, "min")  # a second summary moves the link
+    assert link.resolve() == (tmp_path / "0" / "export").resolve()
+
+
+@pytest.mark.parametrize("sweep,swept", [("auto", {"optim.lr_scale": "0.5,1,2", "trainer.epochs_scale": "1,1.5"}),
+                                         ("auto_imbalanced", {"optim.lr_scale": "0.5,1,2",
+                                                              "optim.class_weighting": "balanced,sqrt_balanced"}),
+                                         ("auto_lora", {"optim.lr_scale": "0.5,1,2", "peft.rank": "8,32"})])
+def test_the_built_in_tuner_searches_around_the_strategys_defaults(sweep, swept):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.config import register_schema
+    from tests.conftest import ROOT
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "hydra_conf")):
+        cfg = compose("config", overrides=["+experiment=legal_demo", f"+sweep={sweep}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert {k: str(v) for k, v in cfg.hydra.sweeper.params.items()} == swept
