@@ -227,6 +227,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest K checkpoints kept
     save_final: bool = True  # the final checkpoint and Hugging Face export (false: benchmarks, smoke runs)
     max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
+    max_nonfinite_steps: int = 3  # consecutive steps with a NaN/inf loss before the run stops (no export)
     seed: int = 42
     precision: Precision = Precision.auto
 
@@ -357,6 +358,8 @@ def validate(run: RunConfig) -> None:
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
+    _check(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", t.max_nonfinite_steps,
+           "an integer >= 1 (consecutive steps with a non-finite loss before the run stops)")
     _check(t.early_stopping_mode in ("min", "max"), "trainer.early_stopping_mode", t.early_stopping_mode, "min or max")
     _check(not t.early_stopping or t.eval_every != 0, "trainer.early_stopping", t.early_stopping,
            "true only with trainer.eval_every > 0 or null (evaluations during training: trials are compared at each)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -32,6 +33,7 @@ from orchestrator.config import RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
 from orchestrator.deepspeed_config import deepspeed_config
+from orchestrator.errors import UserError
 from orchestrator.generation_eval import generated_answers
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import forgetting_metrics, prefixed, validation_metrics
@@ -184,6 +186,8 @@ class Recipe:
             self.tracker.log(0, state.to_history())
         state.notes["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
         self.last_metrics: Dict[str, Any] = {}  # stays empty when resuming a run that had already finished
+        nonfinite = NonFiniteSteps(trainer.max_nonfinite_steps, trainer.checkpoint_every,
+                                   saved_step=state.step or None, grad_clip=self.run_config.optim.grad_clip)
 
         for step in range(state.step, self.total_steps):
             if self.worker.fault:
@@ -193,6 +197,14 @@ class Recipe:
             state.record(measured)
             metrics = self.last_metrics = measured.as_metrics()
             done = state.step
+            # the loss is all-reduced: every rank sees the same value and takes the same branch
+            if nonfinite.observe(done, measured):
+                self.tracker.log(done, metrics)
+                self.progress.record(done)
+                if nonfinite.exhausted():
+                    self.tracker.note(nonfinite.message())
+                    raise UserError(nonfinite.message())
+                continue  # broken weights: no evaluation, selection or checkpoint
             stop = ""
             if plan.eval_every and done % plan.eval_every == 0 and done < self.total_steps:
                 with self.timer("eval"):
@@ -206,6 +218,10 @@ class Recipe:
                 break
             if trainer.checkpoint_every and done % trainer.checkpoint_every == 0 and done < self.total_steps:
                 self.save_checkpoint(metrics)
+                nonfinite.saved_step = done
+        if nonfinite.streak:  # the last steps were not finite, fewer than the limit: no export of those weights
+            self.tracker.note(nonfinite.message())
+            raise UserError(nonfinite.message())
 
     def train_step(self, step: int) -> StepMetrics:
         """One optimizer step over this rank's micro-batches of the global batch."""
@@ -313,6 +329,44 @@ class Recipe:
             self.save_checkpoint(final, final=True)
         else:
             report_metrics_only(final, self.rank)
+
+
+class NonFiniteSteps:
+    """trainer.max_nonfinite_steps: consecutive steps whose global loss is NaN or infinite. In bf16 and fp32 the
+    optimizer steps on such a gradient anyway (DeepSpeed skips overflowing steps in fp16 only), so the weights
+    are broken from the first of them on: nothing is evaluated or saved after it, and the run stops."""
+
+    def __init__(self, limit: int, checkpoint_every: int, saved_step: Optional[int], grad_clip: float):
+        self.limit, self.checkpoint_every, self.grad_clip = limit, checkpoint_every, grad_clip
+        self.saved_step = saved_step  # the newest checkpoint of this run: the one that stays
+        self.streak, self.first_step, self.first_lr, self.step, self.loss = 0, 0, 0.0, 0, float("nan")
+
+    def observe(self, step: int, measured: StepMetrics) -> bool:
+        """Whether this step's loss was not finite."""
+        if math.isfinite(measured.loss):
+            self.streak = 0
+            return False
+        if not self.streak:
+            self.first_step, self.first_lr = step, measured.lr
+        self.streak += 1
+        self.step, self.loss = step, measured.loss
+        return True
+
+    def exhausted(self) -> bool:
+        return self.streak >= self.limit
+
+    def message(self) -> str:
+        if self.saved_step is not None:
+            kept = f"the checkpoint of step {self.saved_step} is kept"
+        else:
+            kept = "no checkpoint was saved before it" + ("" if self.checkpoint_every else
+                                                          " (trainer.checkpoint_every=0)")
+        clip = ("optim.grad_clip=1.0 (it is 0: no clipping)" if not self.grad_clip else
+                f"a smaller optim.grad_clip (it is {self.grad_clip:g})")
+        return (f"training stopped at step {self.step}: the loss was not finite ({self.loss}) for {self.streak} "
+                f"step(s) in a row from step {self.first_step} on (trainer.max_nonfinite_steps={self.limit}), at "
+                f"learning rate {self.first_lr:.3g}; the weights are broken, so no export was written and {kept}. "
+                f"Try a lower optim.lr, or {clip}")
 
 
 def quiet_ray_report_lines() -> None:
