@@ -13,9 +13,6 @@ from torch import nn
 from orchestrator.config import PeftConfig, Strategy, Task
 from orchestrator.errors import UserError
 
-# kept until train_loop moves to Strategy.uses_adapters
-ADAPTER_STRATEGIES = tuple(s for s in Strategy if s.uses_adapters)
-
 
 def quantization_config(strategy: Union[Strategy, str]):
     """QLoRA's base model: 4-bit NF4 with double quantisation, bf16 compute (bitsandbytes, CUDA only)."""

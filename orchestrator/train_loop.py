@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from orchestrator import early_stopping, kernels
-from orchestrator.adapters import ADAPTER_STRATEGIES, apply_adapter
+from orchestrator.adapters import apply_adapter
 from orchestrator.checkpoint import report_metrics_only, restore, save_and_report
-from orchestrator.config import RunConfig, Task, config_dict
+from orchestrator.config import Precision, RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
 from orchestrator.deepspeed_config import deepspeed_config
@@ -131,7 +131,7 @@ class Recipe:
         run, plan, device = self.run_config, self.plan, self.device
         ds_config = deepspeed_config(run, plan)
         self.zero3_marker = HfDeepSpeedConfig(ds_config) if plan.zero_stage == 3 else None
-        dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+        dtype = plan.precision.torch_dtype
         self.fused_loss = kernels.fuses_loss(plan.fused_kernels, self.task)
         if plan.fused_kernels:
             kernels.patch_model_classes(read_model_config(run.model)["model_type"])
@@ -139,17 +139,17 @@ class Recipe:
                             device=device if plan.zero_stage == 0 else None)
         if self.fused_loss:
             kernels.attach_fused_loss(model)
-        if plan.strategy in ADAPTER_STRATEGIES:
+        if plan.strategy.uses_adapters:
             model = apply_adapter(model, plan.strategy, run.peft, self.task, run.model.freeze_depth)
         self.model = model
-        optimizer = make_optimizer(model, run, device, paged=plan.strategy == "qlora")
+        optimizer = make_optimizer(model, run, device, paged=plan.strategy.quantized)
         self.scheduler = make_scheduler(optimizer, run, self.total_steps)
         if plan.zero_stage == 3:
             self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      lr_scheduler=self.scheduler, config=ds_config)
         else:  # one worker training adapters: nothing to partition
             self.engine = PlainEngine(model, optimizer, self.scheduler, plan.grad_accum, run.optim.grad_clip,
-                                      torch.bfloat16 if plan.precision == "bf16" else None, device)
+                                      dtype if plan.precision is Precision.bf16 else None, device)
 
     def restore(self) -> None:
         """After a worker failure: the newest complete checkpoint of this run; else resume= (driver-resolved)."""
@@ -174,6 +174,8 @@ class Recipe:
             self.tracker.note(f"selection: the weights of step {self.selection.best_step} are not in the checkpoint; "
                               f"choosing again among the evaluations from step {self.state.step} on")
             self.selection = Selection(self.selection.metric)
+        elif self.selection.best_step is not None and run.trainer.select_best:
+            self.snapshot.take()  # the checkpoint was written at the best evaluation: these are its weights
 
     # --- training -----------------------------------------------------------------------------------------------
 

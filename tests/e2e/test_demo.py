@@ -21,7 +21,11 @@ pytestmark = pytest.mark.ray
 def demo(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo")
     run = compose_run(["+experiment=legal_demo", "trainer.max_steps=16", "trainer.eval_every=8",
-                       "trainer.micro_batch_size=8", "logger.mode=disabled", "data.max_validation_rows=40"], run_dir)
+                       "trainer.micro_batch_size=8", "logger.mode=disabled", "data.max_validation_rows=40",
+                       # the export is the last weights here, so that the final checkpoint (the training state, for
+                       # resuming) is an independent path to them; the export of the best evaluation is tested in
+                       # tests/integration/test_recipe_defaults.py
+                       "trainer.select_best=false"], run_dir)
     return run, execute(run), run_dir
 
 

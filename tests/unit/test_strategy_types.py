@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from orchestrator.adapters import ADAPTER_STRATEGIES
 from orchestrator.config import Init, ModelConfig, Precision, RunConfig, Strategy, Task
 from orchestrator.model import build_model, read_model_config
 from orchestrator.plan import ClusterResources, Plan, make_plan
@@ -33,8 +32,8 @@ def test_each_strategy_says_what_it_is(strategy):
             strategy.full_parameters, strategy.offloads) == MEANING[strategy]
 
 
-def test_the_adapter_alias_lists_the_adapter_strategies():
-    assert ADAPTER_STRATEGIES == ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
+def test_the_adapter_strategies():
+    assert tuple(s for s in Strategy if s.uses_adapters) == ("lora", "qlora", "dora", "ia3", "prefix", "prompt")
 
 
 @pytest.mark.parametrize("member,name", [(Strategy.full_offload, "full_offload"), (Precision.bf16, "bf16")])
