@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -32,7 +33,7 @@ from orchestrator.config import KubeConfig, RunConfig
 from orchestrator.errors import UserError
 from orchestrator.plan import ClusterResources, Plan
 
-K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
+K8S_DIR = Path(str(resources.files("orchestrator.k8s")))  # k8s/ of the checkout, shipped in the package
 BASE = K8S_DIR / "base" / "rayjob.yaml"
 MAX_NAME = 47  # KubeRay: the RayCluster's name is the RayJob's + 6 characters, within 53
 HEAD, WORKER = "ray-head", "ray-worker"  # container names in the base
@@ -294,8 +295,8 @@ def find(items: List[dict], name: str, what: str) -> dict:
 
 def read_text(path: Path) -> str:
     if not path.is_file():
-        raise UserError(f"{path} is missing: launcher=rayjob renders from the k8s/ directory of an orchestrator "
-                        "checkout (install with pip install -e .)")
+        raise UserError(f"{path} is missing: launcher=rayjob renders from the k8s/ templates installed with "
+                        "orchestrator (reinstall it: pip install .)")
     return path.read_text(encoding="utf-8")
 
 

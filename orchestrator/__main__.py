@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 register_schema()
 
 
-@hydra.main(version_base="1.3", config_path="../hydra_conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://orchestrator.hydra_conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         run = to_run_config(cfg)
