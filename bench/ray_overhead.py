@@ -6,10 +6,11 @@ One call does it all, in order (results are rewritten after each variant, so a t
        torchrun  — `python -m torch.distributed.run --nproc_per_node=W` (env:// process group), or
        ray       — our product path: launch.local.start_ray + TorchTrainer(ScalingConfig(W, use_gpu),
                    TorchConfig(backend)) as launch.local.run_training builds it;
-     only the process-group setup differs (`_torchrun_main` / `_ray_train_fn`); the model (built from config,
-     random init, under ZeRO-3's zero.Init), the DeepSpeed config (orchestrator.deepspeed_config), the optimizer
-     (orchestrator.train_loop.make_optimizer / make_scheduler), the loss (orchestrator.losses.loss_terms) and the
-     random token batches are the same;
+     only the process-group setup differs (`_torchrun_main` / `_ray_train_fn`); the step is the product's own:
+     orchestrator.train_loop.Recipe's build_engine (the model built from config with random init under ZeRO-3's
+     zero.Init, orchestrator.deepspeed_config, the optimizer and schedule of orchestrator.optimization) and
+     train_step (global-batch normalisation, the loss of orchestrator.losses, the all-reduced loss), on random
+     token rows of one length (BenchRecipe replaces the setup_worker and build_data phases only);
   3. per worker: environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS, NCCL_*, allocator), visible devices, torch
      threads, CPU affinity, thread, and the NCCL transports chosen (NCCL_DEBUG=INFO lines "via P2P/...").
 
@@ -70,9 +71,6 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "ray_noshare": {"launcher": "ray", "env": {"TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES": "0"}},
     # Ray with more CPU threads per worker (Ray sets OMP_NUM_THREADS to the worker's CPUs, 1 by default)
     "ray_omp8": {"launcher": "ray", "env": {"OMP_NUM_THREADS": "8"}},
-    # the product loop's per-step extras (all_reduce of totals, .item() syncs), under each launcher
-    "torchrun_extras": {"launcher": "torchrun", "env": {}, "extras": True},
-    "ray_extras": {"launcher": "ray", "env": {}, "extras": True},
 }
 ENV_KEYS = re.compile(r"^(CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|MKL_NUM_THREADS|NCCL_.*|TORCH_NCCL_.*|"
                       r"PYTORCH_CUDA_ALLOC_CONF|CUDA_DEVICE_MAX_CONNECTIONS|LOCAL_RANK|RANK|WORLD_SIZE|"
@@ -85,9 +83,68 @@ ENV_KEYS = re.compile(r"^(CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|MKL_NUM_THREADS|N
 # The step function: identical for both launchers. Everything after the process group exists.
 # ----------------------------------------------------------------------------------------------------------
 
+class BenchRecipe:
+    """The product's recipe (orchestrator.train_loop.Recipe) with two phases replaced: the process group comes
+    from the launcher under test (torchrun or Ray Train), and the data are random token rows of one length.
+    build_engine and train_step are the product's own, so the timed step is the one a user's run takes."""
+
+    @staticmethod
+    def make(rank: int, world: int, device_name: str, opts: Dict[str, Any]):
+        import torch
+
+        from orchestrator.config import Init, ModelConfig, RunConfig, Schedule, Task, TrainerConfig
+        from orchestrator.data.batching import GlobalBatchSchedule
+        from orchestrator.data.formats import Example
+        from orchestrator.model import read_model_config
+        from orchestrator.plan import Plan
+        from orchestrator.train_loop import Recipe, WorkerInput
+
+        use_gpu = device_name != "cpu"
+        micro, seq, total = opts["micro_batch"], opts["seq"], opts["steps"] + opts["warmup"]
+        run = RunConfig(model=ModelConfig(path=opts["model"], task=Task.causal_lm, init=Init.random),
+                        trainer=TrainerConfig(max_steps=total, micro_batch_size=micro))
+        # the full causal-LM defaults of orchestrator/hyperparameters.py, without a warmup: every step the same
+        run.optim.lr, run.optim.weight_decay, run.optim.warmup_ratio = 1e-5, 0.0, 0.0
+        run.optim.schedule = Schedule.cosine
+        plan = Plan(strategy="full", num_workers=world, use_gpu=use_gpu, micro_batch_size=micro, grad_accum=1,
+                    global_batch_size=micro * world, precision="bf16" if use_gpu else "fp32", zero_stage=3,
+                    offload=False, gradient_checkpointing=False, predicted_gib_per_gpu=None, reason="bench",
+                    max_steps=total)
+
+        class Bench(Recipe):
+            def setup_worker(self) -> None:  # the launcher made the process group; join it as the product does
+                import deepspeed
+
+                self.rank, self.world_size, self.device = rank, world, torch.device(device_name)
+                deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+                torch.manual_seed(0)
+
+            def build_data(self) -> None:
+                generator = torch.Generator().manual_seed(1000)
+                vocab = read_model_config(self.run_config.model)["vocab_size"]
+                rows = [torch.randint(0, vocab, (seq,), generator=generator).tolist()
+                        for _ in range(4 * self.plan.global_batch_size)]
+                self.data = _RandomRows([Example(input_ids=r, target=list(r)) for r in rows])
+                self.tokenizer = _PadOnly()
+                self.class_weights, self.packed_length = None, None
+                self.lengths = [seq] * len(rows)
+                self.schedule = GlobalBatchSchedule(len(rows), self.plan.global_batch_size, 0)
+
+        return Bench(WorkerInput(run=run, plan=plan, progress_bar=False))
+
+
+class _RandomRows:
+    def __init__(self, train):
+        self.train, self.validation, self.labels = train, [], None
+
+
+class _PadOnly:
+    pad_token_id = 0
+
+
 def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> Dict[str, Any]:
-    """Build the model and engine as orchestrator.train_loop does, run warmup + timed steps on random tokens;
-    return rank 0's figures with every rank's environment (other ranks return {})."""
+    """Build the engine and run warmup + timed steps with the product's Recipe.train_step; return rank 0's
+    figures with every rank's environment (other ranks return {})."""
     import torch
     import torch.distributed as dist
 
@@ -98,50 +155,26 @@ def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> 
 
     import deepspeed
     import transformers
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from orchestrator.config import Init, ModelConfig, RunConfig, Task, TrainerConfig
-    from orchestrator.deepspeed_config import deepspeed_config
-    from orchestrator.losses import loss_terms, target_weight
-    from orchestrator.model import build_model
-    from orchestrator.optimization import make_optimizer, make_scheduler
-    from orchestrator.plan import Plan
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     device = torch.device(device_name)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the existing process group
     marks = {"entered": time.time()}
+    recipe = BenchRecipe.make(rank, world, device_name, opts)
+    recipe.setup_worker()
     info = worker_info(rank, device)
 
     peak_tflops = None
     if opts.get("matmul_peak") and use_gpu:
         peak_tflops = matmul_peak(device, opts["matmul_n"])
-    torch.manual_seed(0)
 
     steps, warmup, micro, seq = opts["steps"], opts["warmup"], opts["micro_batch"], opts["seq"]
-    run = RunConfig(model=ModelConfig(path=opts["model"], task=Task.causal_lm, init=Init.random),
-                    trainer=TrainerConfig(max_steps=steps + warmup, micro_batch_size=micro))
-    run.optim.warmup_ratio = 0.0
-    plan = Plan(strategy="full", num_workers=world, use_gpu=use_gpu, micro_batch_size=micro, grad_accum=1,
-                global_batch_size=micro * world, precision="bf16" if use_gpu else "fp32", zero_stage=3,
-                offload=False, gradient_checkpointing=False, predicted_gib_per_gpu=None, reason="bench")
-    ds_config = deepspeed_config(run, plan)
-    zero3_marker = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: build under zero.Init)
-    dtype = torch.bfloat16 if use_gpu else torch.float32
-    model = build_model(run.model, None, dtype, "full", False, device=None)
-    config = model.config
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    optimizer = make_optimizer(model, run, device)
-    scheduler = make_scheduler(optimizer, run)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
+    recipe.build_data()
+    recipe.build_engine()
+    config = recipe.model.config
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.model.parameters())
     marks["engine_ready"] = time.time()
-
-    generator = torch.Generator().manual_seed(1000 + rank)
-    vocab = config.vocab_size
-    batches = [torch.randint(0, vocab, (micro, seq), generator=generator) for _ in range(4)]
 
     def sync():
         if use_gpu:
@@ -158,26 +191,9 @@ def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> 
             sync()
             window_start = time.perf_counter()
             marks["window_start"] = time.time()
-        started = time.perf_counter()
-        tokens = batches[i % len(batches)]
-        batch = {"input_ids": tokens.to(device, non_blocking=True),
-                 "attention_mask": torch.ones_like(tokens).to(device, non_blocking=True)}
-        labels = batch["input_ids"]
-        if opts.get("extras"):  # what orchestrator.train_loop adds per step: global totals, host syncs
-            totals = torch.tensor([target_weight(tokens, Task.causal_lm, None),
-                                   batch["attention_mask"].sum().item()], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            global_weight = totals[0].item()
-        else:
-            global_weight = float((micro * (seq - 1)) * world)
-        loss, _ = loss_terms(engine(**batch).logits, labels, Task.causal_lm)
-        engine.backward(loss * (world / global_weight))
-        engine.step()
-        if opts.get("extras"):
-            loss_sum = loss.detach().double()
-            dist.all_reduce(loss_sum)
-            losses.append(loss_sum.item() / global_weight)
-        host_step_s.append(time.perf_counter() - started)
+        measured = recipe.train_step(i)  # ends on the loss's .item(): the step is done on the device
+        losses.append(measured.loss)
+        host_step_s.append(measured.seconds)
     sync()
     window_s = time.perf_counter() - window_start
     marks["done"] = time.time()
@@ -203,7 +219,7 @@ def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> 
     dist.all_gather_object(gathered, {"info": info, "matmul_peak_tflops": peak_tflops,
                                       "step_s": step_s})
     result["workers"] = gathered
-    del engine, optimizer, model
+    del recipe
     gc.collect()
     return result if rank == 0 else {}
 
@@ -385,7 +401,7 @@ def run_variant(name: str, args, out: Path, base_env: Dict[str, str], timeout_s:
     opts = {"variant": name, "device": args.device, "workers": args.workers, "model": args.model,
             "seq": args.seq, "micro_batch": args.micro_batch, "warmup": args.warmup, "steps": args.steps,
             "matmul_peak": matmul, "matmul_n": args.matmul_n,
-            "extras": spec.get("extras", False), "thread": spec.get("thread", False),
+            "thread": spec.get("thread", False),
             "result_path": str(work / "result.json")}
     env = {**base_env, **spec["env"], "NCCL_DEBUG_FILE": str(work / "nccl" / "%h.%p.log")}
     script = str(Path(__file__).resolve())
@@ -423,7 +439,7 @@ def run_variant(name: str, args, out: Path, base_env: Dict[str, str], timeout_s:
                        if " via " in line or "NCCL version" in line or "NVLS" in line or "cudaDev" in line]
     row: Dict[str, Any] = {"variant": name, "repeat": repeat, "launcher": spec["launcher"],
                            "env_overrides": spec["env"],
-                           "extras": spec.get("extras", False), "rc": rc, "wall_s": wall_s}
+                           "rc": rc, "wall_s": wall_s}
     result_path = Path(opts["result_path"])
     if result_path.exists():
         result = json.loads(result_path.read_text())
