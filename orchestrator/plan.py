@@ -28,8 +28,8 @@ from orchestrator.memory import GIB, Estimate, ModelShape, estimate, fits, host_
 CANDIDATES = (Strategy.full, Strategy.full_offload, Strategy.lora, Strategy.qlora)  # what the planner compares
 # the planner's adapter candidates: alone on one worker they run without ZeRO (nothing to partition)
 PEFT_STRATEGIES = tuple(s for s in CANDIDATES if s.uses_adapters)
-# the micro-batch pick fills at most this share of a GPU: the estimate ran 2-4% above the measured peaks where
-# checked (bench/RESULTS.md), and an out-of-memory error would lose the run
+# a plan (the strategy's check and the micro-batch pick alike) fills at most this share of a GPU: the estimate ran
+# 2-4% above the measured peaks where checked (bench/RESULTS.md), and an out-of-memory error would lose the run
 MICRO_BATCH_MEMORY_SHARE = 0.9
 
 
@@ -51,7 +51,7 @@ class Candidate:
     strategy: Strategy
     gib_per_gpu: Optional[float]  # None on CPU
     checkpointing: bool
-    fits: bool
+    fits: Optional[bool]  # within MICRO_BATCH_MEMORY_SHARE of the GPU; None: GPU memory unknown, nothing checked
     note: str = ""
 
     def __post_init__(self):
@@ -119,17 +119,21 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
                 for strategy in CANDIDATES]
 
     candidates = candidates_for(micro)
-    strategy, reason = _choose(run.strategy, candidates, resources, workers)
+    strategy = _choose(run.strategy, candidates, resources, workers)
     micro_reason = ""
     if auto_micro:
         micro, micro_reason = _largest_micro_batch(strategy, shape, workers, resources, run, fused_loss)
         candidates = candidates_for(micro)
-        reason += "; strategies compared at one row per micro-batch, before the micro-batch was picked"
     chosen = next((c for c in candidates if c.strategy == strategy), None)
-    if chosen is not None and not chosen.fits:
+    if chosen is not None and chosen.fits is False:
         raise UserError(f"strategy={strategy} does not fit: predicted {chosen.gib_per_gpu:.1f} GiB per GPU "
-                        f"{chosen.note}against {resources.gpu_memory_gb:.0f} GiB; "
+                        f"{chosen.note}against {resources.gpu_memory_gb:.0f} GiB (a plan fills at most "
+                        f"{MICRO_BATCH_MEMORY_SHARE:.0%}: {_limit_gb(resources):.1f} GiB); "
                         f"{_fitting_hint(candidates)}")
+    # why, in the figures of the table printed with it: those of the micro-batch picked
+    reason = _why(strategy, run.strategy, candidates, resources, workers)
+    if auto_micro and candidates:
+        reason += f" (at the picked micro-batch of {micro} row{'s' if micro > 1 else ''}; strategies compared at one)"
     if strategy.quantized and not use_gpu:
         raise UserError("strategy=qlora needs a GPU (bitsandbytes 4-bit kernels are CUDA-only); "
                         "on CPU use strategy=lora or strategy=full")
@@ -194,49 +198,120 @@ def _predicted(strategy: Strategy, shape: ModelShape, workers: int, tokens: int,
                     fused_loss)
 
 
+def _limit_gb(resources: ClusterResources) -> Optional[float]:
+    """What a plan may fill of one GPU (None: GPU memory unknown)."""
+    memory = resources.gpu_memory_gb
+    return None if memory is None else memory * MICRO_BATCH_MEMORY_SHARE
+
+
 def _candidate(strategy: Strategy, shape: ModelShape, workers: int, tokens: int, resources: ClusterResources,
                run: RunConfig, fused_loss: bool) -> Candidate:
     options = _checkpointing_options(run)
+    limit = _limit_gb(resources)
     for checkpointing in options:
         result = _predicted(strategy, shape, workers, tokens, checkpointing, run, fused_loss)
-        ok = fits(result, resources.gpu_memory_gb)
+        ok = None if limit is None else fits(result, limit)  # None: nothing to check against
         note = ""
-        if ok and strategy.offloads and resources.host_memory_gb is not None:
+        if ok is not False and strategy.offloads and resources.host_memory_gb is not None:
             host_needed = host_bytes_for_offload(shape, resources.nodes) / GIB
-            ok = host_needed <= 0.8 * resources.host_memory_gb
+            if host_needed > 0.8 * resources.host_memory_gb:
+                ok = False
             note = f"(host {host_needed:.0f} of {resources.host_memory_gb:.0f} GiB per node) "
         if strategy.quantized and workers > 1:
             ok, note = False, "(QLoRA runs on one GPU) "
-        if ok or checkpointing == options[-1]:
+        if ok is not False or checkpointing == options[-1]:
             return Candidate(strategy, round(result.gib, 2), checkpointing, ok, note)
     raise AssertionError("unreachable")
 
 
-def _choose(requested: Strategy, candidates: List[Candidate], resources: ClusterResources,
-            workers: int) -> Tuple[Strategy, str]:
+def _choose(requested: Strategy, candidates: List[Candidate], resources: ClusterResources, workers: int) -> Strategy:
+    """The strategy by the rule of the module's docstring; a candidate of unknown fit (GPU memory unknown) counts
+    as fitting: the rule alone decides."""
     if requested is not Strategy.auto:
-        return requested, f"strategy={requested.value} was set on the command line"
+        return requested
     if not candidates:
-        return Strategy.full, (f"no GPU: {workers} CPU workers train all parameters with ZeRO-3 over gloo")
+        return Strategy.full
+    ok = {c.strategy: c.fits is not False for c in candidates}
+    if workers >= 2:
+        for strategy in (Strategy.full, Strategy.full_offload):
+            if ok[strategy]:
+                return strategy
+        raise UserError(f"no full fine-tuning plan fits {workers} x {resources.gpu_memory_gb:.0f} GiB "
+                        f"(a plan fills at most {MICRO_BATCH_MEMORY_SHARE:.0%}): {_fitting_hint(candidates)}")
+    for strategy in (Strategy.lora, Strategy.qlora):
+        if ok[strategy]:
+            return strategy
+    raise UserError(f"nothing fits one GPU of {resources.gpu_memory_gb:.0f} GiB (a plan fills at most "
+                    f"{MICRO_BATCH_MEMORY_SHARE:.0%}): {_fitting_hint(candidates)}")
+
+
+def _why(strategy: Strategy, requested: Strategy, candidates: List[Candidate], resources: ClusterResources,
+         workers: int) -> str:
+    """One sentence: why this strategy, quoting the candidates' figures (those of the table printed with it)."""
+    if requested is not Strategy.auto:
+        return f"strategy={requested.value} was set {setting_source('strategy')}"
+    if not candidates:
+        return f"no GPU: {workers} CPU workers train all parameters with ZeRO-3 over gloo"
     by_strategy = {c.strategy: c for c in candidates}
     full, offload, lora, qlora = (by_strategy[s] for s in CANDIDATES)
-    if workers >= 2:
+    limit = _limit_gb(resources)
+    if limit is None:
+        picked = by_strategy[strategy]
+        what = {Strategy.full: f"full fine-tuning with ZeRO-3 on {workers} GPUs",
+                Strategy.lora: "one GPU: LoRA adapters on the frozen bf16 model"}.get(strategy, str(strategy))
+        return (f"{what} ({picked.gib_per_gpu:.1f} GiB per GPU predicted; GPU memory unknown, so nothing was "
+                "checked against it: set cluster.gpu_memory_gb)")
+    room = f"{MICRO_BATCH_MEMORY_SHARE:.0%} of {resources.gpu_memory_gb:.0f} GiB"
+    if strategy is Strategy.full:
+        return (f"full fine-tuning with ZeRO-3 fits on {workers} GPUs ({full.gib_per_gpu:.1f} GiB per GPU, "
+                f"within {room})")
+    if strategy is Strategy.full_offload:
+        return (f"full ZeRO-3 needs {full.gib_per_gpu:.1f} GiB per GPU, more than {room}; with optimizer and "
+                f"parameters offloaded to host memory it fits ({offload.gib_per_gpu:.1f} GiB)")
+    if strategy is Strategy.lora:
         if full.fits:
-            return Strategy.full, (f"full fine-tuning with ZeRO-3 fits on {workers} GPUs "
-                                   f"({full.gib_per_gpu:.1f} GiB per GPU predicted)")
-        if offload.fits:
-            return Strategy.full_offload, (f"full ZeRO-3 needs {full.gib_per_gpu:.1f} GiB per GPU, more than "
-                                           f"{resources.gpu_memory_gb:.0f}; with optimizer and parameters offloaded "
-                                           "to host memory it fits")
-        raise UserError(f"no full fine-tuning plan fits {workers} x {resources.gpu_memory_gb:.0f} GiB: "
-                        f"{_fitting_hint(candidates)}")
-    if lora.fits:
-        return Strategy.lora, (f"one GPU: full fine-tuning would need {full.gib_per_gpu:.1f} GiB, so LoRA "
-                               f"adapters train on the frozen bf16 model ({lora.gib_per_gpu:.1f} GiB)")
-    if qlora.fits:
-        return Strategy.qlora, (f"one GPU: even the bf16 weights do not fit (LoRA {lora.gib_per_gpu:.1f} GiB), "
-                                f"so QLoRA trains adapters on a 4-bit base ({qlora.gib_per_gpu:.1f} GiB)")
-    raise UserError(f"nothing fits one GPU of {resources.gpu_memory_gb:.0f} GiB: {_fitting_hint(candidates)}")
+            return (f"one GPU: LoRA adapters train on the frozen bf16 model ({lora.gib_per_gpu:.1f} GiB); full "
+                    f"fine-tuning would fit too ({full.gib_per_gpu:.1f} GiB): strategy=full trains every weight")
+        return (f"one GPU: full fine-tuning would need {full.gib_per_gpu:.1f} GiB, more than {room}, so LoRA "
+                f"adapters train on the frozen bf16 model ({lora.gib_per_gpu:.1f} GiB)")
+    return (f"one GPU: LoRA on the bf16 model would need {lora.gib_per_gpu:.1f} GiB, more than {room}, so QLoRA "
+            f"trains adapters on a 4-bit base ({qlora.gib_per_gpu:.1f} GiB)")
+
+
+def setting_source(key: str) -> str:
+    """Where the composed value of a top-level key came from, as "on the command line", "in experiment/x.yaml"
+    or "in the config" (outside a Hydra run, e.g. a test or a benchmark, or where no file can be named)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):
+        return "in the config"
+    if any(o.split("=", 1)[0].lstrip("+~") == key for o in hydra_cfg.overrides.task):
+        return "on the command line"
+    from importlib import resources
+    from pathlib import Path
+
+    import yaml
+
+    for source in hydra_cfg.runtime.config_sources:  # the search path: this package's configs, hydra.searchpath
+        if source.schema not in ("pkg", "file"):
+            continue
+        try:
+            base = resources.files(source.path) if source.schema == "pkg" else Path(source.path)
+        except (ImportError, TypeError, ValueError):
+            continue
+        for group, option in hydra_cfg.runtime.choices.items():
+            if not isinstance(option, str) or group.startswith("hydra"):
+                continue
+            path = base.joinpath(f"{group}/{option}.yaml")
+            try:
+                text = path.read_text(encoding="utf-8") if path.is_file() else ""
+            except OSError:
+                continue
+            if "@package _global_" in text and key in (yaml.safe_load(text) or {}):
+                return f"in {group}/{option}.yaml"
+    return "in the config"
 
 
 def _fitting_hint(candidates: List[Candidate]) -> str:
@@ -252,11 +327,13 @@ def describe(plan: Plan, gpu_memory_gb: Optional[float]) -> str:
     from rich.table import Table
 
     table = Table(title="plan")
-    for column in ("candidate", "predicted GiB/GPU", "activation ckpt", "fits", "chosen"):
+    for column in ("candidate", "predicted GiB/GPU", "activation ckpt", f"fits {MICRO_BATCH_MEMORY_SHARE:.0%}",
+                   "chosen"):
         table.add_column(column)
     for c in plan.candidates:
+        fit = {True: "yes", False: "no", None: "unknown"}[c.fits]
         table.add_row(c.strategy.value, f"{c.gib_per_gpu:.1f}", "yes" if c.checkpointing else "no",
-                      ("yes" if c.fits else "no") + (f" {c.note.strip()}" if c.note else ""),
+                      fit + (f" {c.note.strip()}" if c.note else ""),
                       "<-" if c.strategy is plan.strategy else "")
     buffer = StringIO()
     if plan.candidates:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -10,7 +12,7 @@ from orchestrator.errors import UserError
 from orchestrator.memory import ModelShape, estimate
 from orchestrator.model import BUILTIN_CONFIGS
 from orchestrator.plan import MICRO_BATCH_MEMORY_SHARE, ClusterResources, describe, make_plan
-from tests.conftest import compose_run
+from tests.conftest import ROOT, compose_run
 
 
 def shape(name: str) -> dict:
@@ -32,8 +34,9 @@ CASES = [
     ("llama-3.2-1b", 1, 2, 80, 256, 2048, "full"),
     ("llama-3.2-1b", 1, 1, 141, 256, 2048, "lora"),  # one GPU is always PEFT
     ("llama-3.1-8b", 1, 1, 80, 256, 2048, "lora"),
-    ("llama-3.1-8b", 1, 1, 24, 256, 2048, "lora"),  # 16 GB of bf16 weights + checkpointed activations
-    ("llama-3.1-8b", 1, 1, 24, 256, 6144, "qlora"),  # ... but not with 6k-token rows
+    ("llama-3.1-8b", 1, 1, 24, 256, 1024, "lora"),  # 16 GB of bf16 weights + checkpointed activations
+    ("llama-3.1-8b", 1, 1, 24, 256, 2048, "qlora"),  # ... LoRA would fill 93% of the GPU, more than the 90% rule
+    ("llama-3.1-8b", 1, 1, 24, 256, 5120, "qlora"),  # ... and with 5k-token rows (6k: nothing fits 90%)
     ("llama-3.1-8b", 1, 8, 80, 1024, 4096, "full"),
     ("llama-3.1-8b", 1, 4, 24, 1024, 2048, "full_offload"),
     ("qwen2.5-7b", 1, 8, 141, 1024, 4096, "full"),
@@ -48,7 +51,7 @@ def test_planner_decisions(tmp_path, model, nodes, gpus, memory, host, tokens, e
     plan = plan_for(tmp_path, model, gpus, memory, nodes=nodes, host_gb=host, extra=[f"data.max_length={tokens}"])
     assert plan.strategy == expected
     assert plan.num_workers == nodes * gpus
-    assert plan.predicted_gib_per_gpu <= memory
+    assert plan.predicted_gib_per_gpu <= memory * MICRO_BATCH_MEMORY_SHARE
     assert plan.zero_stage == (0 if expected in ("lora", "qlora") else 3)
 
 
@@ -67,7 +70,8 @@ def test_activation_checkpointing_only_where_memory_needs_it(tmp_path):
 
 
 def test_nothing_fits_fails_before_launch_with_the_numbers(tmp_path):
-    with pytest.raises(UserError, match=r"no full fine-tuning plan fits 2 x 24 GiB: predicted per GPU: full \d+"):
+    with pytest.raises(UserError, match=r"no full fine-tuning plan fits 2 x 24 GiB \(a plan fills at most 90%\): "
+                                        r"predicted per GPU: full \d+"):
         plan_for(tmp_path, "llama-3.1-70b", 2, 24, host_gb=64)
 
 
@@ -171,3 +175,85 @@ def test_micro_batch_auto_needs_a_global_batch_that_divides_over_the_workers(tmp
     with pytest.raises(UserError, match=r"trainer.global_batch_size=12 is not allowed: it must be a multiple of "
                                         r"the 8 workers"):
         plan_for(tmp_path, "llama-3.1-8b", 8, 80, extra=["trainer.global_batch_size=12"])
+
+
+# ---------------------------------------------------------------- the messages agree with the table (issue 15)
+
+def gib(text: str) -> list:
+    return [float(x) for x in re.findall(r"(\d+\.\d) GiB", text)]
+
+
+def table_row(text: str, strategy: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"│ {strategy} "))
+
+
+def test_why_quotes_the_figures_of_the_picked_micro_batch(tmp_path):
+    """1 GPU of 80 GB, legal_full (micro-batch picked): the why line's GiB are the table's, not one row's."""
+    plan = plan_for(tmp_path, "llama-3.1-8b", 1, 80)
+    assert plan.strategy == "lora" and plan.micro_batch_size > 1
+    by_strategy = {c.strategy: c.gib_per_gpu for c in plan.candidates}
+    text = describe(plan, 80)
+    why = next(line for line in text.splitlines() if line.startswith("why: "))
+    assert gib(why) == [round(by_strategy["full"], 1), round(by_strategy["lora"], 1)]
+    assert table_row(text, "lora").split("│")[2].strip() == f"{plan.predicted_gib_per_gpu:.1f}"
+    assert f"{plan.predicted_gib_per_gpu:.1f} GiB" in why
+    assert f"picked micro-batch of {plan.micro_batch_size} rows" in why
+
+
+def test_one_gpu_of_24_gb_honours_the_90_percent_rule(tmp_path):
+    """8B on 24 GB: LoRA at 93% of the GPU is not chosen (the rule says 90%); QLoRA is, and a micro-batch fits."""
+    plan = plan_for(tmp_path, "llama-3.1-8b", 1, 24)
+    lora = next(c for c in plan.candidates if c.strategy == "lora")
+    assert plan.strategy == "qlora"
+    assert lora.gib_per_gpu > 24 * MICRO_BATCH_MEMORY_SHARE and lora.fits is False
+    assert plan.predicted_gib_per_gpu <= 24 * MICRO_BATCH_MEMORY_SHARE
+    assert "no micro-batch" not in plan.micro_batch_reason
+    assert f"LoRA on the bf16 model would need {lora.gib_per_gpu:.1f} GiB, more than 90% of 24 GiB" in plan.reason
+    assert "| no" not in table_row(describe(plan, 24), "qlora")
+
+
+def test_a_forced_strategy_over_the_share_is_refused_with_both_figures(tmp_path):
+    with pytest.raises(UserError, match=r"strategy=lora does not fit: predicted \d+\.\d GiB per GPU against 24 GiB "
+                                        r"\(a plan fills at most 90%: 21.6 GiB\)"):
+        plan_for(tmp_path, "llama-3.1-8b", 1, 24, extra=["strategy=lora", "trainer.micro_batch_size=1",
+                                                         "trainer.global_batch_size=null"])
+
+
+def test_why_says_where_a_set_strategy_came_from(tmp_path):
+    """Outside a Hydra run the source is "in the config"; in one, the command line or the experiment file."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from orchestrator.plan import setting_source
+
+    assert "strategy=lora was set in the config" in plan_for(tmp_path, "llama-3.1-8b", 8, 80,
+                                                             extra=["strategy=lora"]).reason
+    cases = [(["+experiment=legal_full", "strategy=lora"], "on the command line"),
+             (["+experiment=only_lora"], "in experiment/only_lora.yaml"),
+             (["+experiment=legal_full"], "in the config")]
+    configs = tmp_path / "hydra_conf"
+    shutil.copytree(ROOT / "hydra_conf", configs, ignore=shutil.ignore_patterns("__pycache__"))
+    (configs / "experiment" / "only_lora.yaml").write_text("# @package _global_\nname: only_lora\nstrategy: lora\n",
+                                                           encoding="utf-8")
+    try:
+        for overrides, expected in cases:
+            with initialize_config_dir(version_base="1.3", config_dir=str(configs)):
+                cfg = compose("config", overrides=overrides, return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)
+                assert setting_source("strategy") == expected, overrides
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_unknown_gpu_memory_marks_no_candidate_as_fitting(tmp_path):
+    """A sizing dry run without cluster.gpu_memory_gb: no candidate of any size is said to fit, the table says
+    unknown, and why says that nothing was checked."""
+    run = compose_run(["+experiment=legal_full"], tmp_path)
+    plan = make_plan(run, ClusterResources(nodes=1, gpus_per_node=1, gpu_memory_gb=None, cpus=64, host_memory_gb=256),
+                     shape("llama-3.1-70b"))
+    assert max(c.gib_per_gpu for c in plan.candidates) > 128
+    assert all(c.fits is not True for c in plan.candidates)
+    text = describe(plan, None)
+    for c in plan.candidates:
+        assert "yes" not in table_row(text, c.strategy.value).split("│")[4]
+    assert "GPU memory unknown, so nothing was checked against it: set cluster.gpu_memory_gb" in plan.reason
