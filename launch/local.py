@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import psutil
 
@@ -106,6 +106,43 @@ def run_training(run: RunConfig, plan: Plan):
     if run.trainer.save_final:
         export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
     return result
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+
+
+def report_interrupt(run: Optional[RunConfig], overrides: Sequence[str] = ()) -> int:
+    """Ctrl-C: one line on stderr saying what was kept (the run's newest complete checkpoint, verified) and the
+    command that resumes from it. Returns EXIT_INTERRUPTED."""
+    import json
+    import shlex
+    import warnings
+
+    from orchestrator.checkpoint import newest_complete_checkpoint
+
+    kept, storage = None, None
+    if run is not None and not run.dry_run:
+        try:  # this run's own storage, as it claimed it (<run_dir>/run.json), else the run's storage root
+            with open(os.path.join(run.run_dir, "run.json"), encoding="utf-8") as handle:
+                storage = json.load(handle).get("storage")
+        except (OSError, ValueError, AttributeError):
+            pass
+        storage = storage or storage_root(run)
+        with warnings.catch_warnings():  # the checkpoint being written when Ctrl-C came is incomplete: not news
+            warnings.simplefilter("ignore")
+            kept = newest_complete_checkpoint([storage]) if "://" not in storage else None
+    if kept is None and storage and "://" in storage:
+        sys.stderr.write(f"interrupted: the run's complete checkpoints are kept in {storage}; resume with the same "
+                         "command and resume=auto\n")
+    elif kept is None:
+        sys.stderr.write("interrupted: no checkpoint was complete yet, nothing was kept; run the command again to "
+                         "start over\n")
+    else:
+        again = shlex.join(["python", "-m", "orchestrator", *[o for o in overrides if not o.startswith("resume=")],
+                            f"resume={kept.path}"])
+        sys.stderr.write(f"interrupted: kept the last complete checkpoint, step {kept.step}, at {kept.path}; "
+                         f"resume with: {again}\n")
+    return EXIT_INTERRUPTED
 
 
 def export_from(checkpoint, destination: str) -> None:

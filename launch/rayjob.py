@@ -44,6 +44,7 @@ DROPPED = ("launcher", "dry_run", "cluster.address")  # set for the job here, as
 
 def launch_rayjob(run: RunConfig, overrides: Sequence[str]) -> dict:
     """Plan, render, write <run_dir>/rayjob.yaml; print it (dry run) or submit and follow it."""
+    check_k8s_values(run)  # before planning: a value Kubernetes rejects fails here, not at submission
     with contextlib.redirect_stdout(sys.stderr) if run.dry_run else contextlib.nullcontext():
         plan, resources = plan_for_cluster(run)
     name = run.k8s.job_name or job_name(run.name)
@@ -111,8 +112,38 @@ def model_config_dir(run: RunConfig) -> Optional[str]:
         return None
 
 
+INT32_MAX = 2**31 - 1  # the RayJob CRD's integer fields are int32
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # DNS-1123
+
+
+def check_k8s_values(run: RunConfig) -> None:
+    """Values the Kubernetes API would reject, refused at render time: the names of the service account, the claim
+    and the Secrets (DNS-1123 subdomains, at most 253 characters), integers beyond the CRD's int32, and a run name
+    that would put the run directory (<k8s.mount_path>/<name>/<job>) outside the mounted claim."""
+    k = run.k8s
+    for key in ("service_account", "pvc", "wandb_secret", "hf_secret"):
+        value = getattr(k, key)
+        if value is not None and not (_DNS_SUBDOMAIN.fullmatch(value) and len(value) <= 253):
+            raise UserError(f"k8s.{key}={value} is not allowed: a Kubernetes object name (DNS-1123: lowercase "
+                            "letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253)")
+    for key in ("ttl_seconds_after_finished", "backoff_limit", "active_deadline_seconds"):
+        value = getattr(k, key)
+        if value is not None and value > INT32_MAX:
+            raise UserError(f"k8s.{key}={value} is not allowed: at most {INT32_MAX} (the RayJob's int32 field)")
+    if run.cluster.nodes is not None and run.cluster.nodes > INT32_MAX:
+        raise UserError(f"cluster.nodes={run.cluster.nodes} is not allowed: at most {INT32_MAX} (replicas is int32)")
+    if not run.name.strip() or "/" in run.name or "\\" in run.name or run.name in (".", "..") or ".." in run.name:
+        raise UserError(f"name={run.name} is not allowed with launcher=rayjob: the run directory is "
+                        f"{k.mount_path.rstrip('/')}/<name>/<job> on the claim, and a name with '/' or '..' would "
+                        "move it elsewhere; use letters, digits, '-', '_' and '.'")
+    if os.path.normpath(k.mount_path) != k.mount_path.rstrip("/") and k.mount_path != "/":
+        raise UserError(f"k8s.mount_path={k.mount_path} is not allowed: a normalised absolute path (no '..', '.' "
+                        f"or '//'), e.g. {os.path.normpath(k.mount_path)}")
+
+
 def render(run: RunConfig, plan: Plan, resources: ClusterResources, overrides: Sequence[str], name: str) -> dict:
     """The RayJob manifest (a plain dict). Pure: the same arguments give the same manifest."""
+    check_k8s_values(run)
     k = run.k8s
     job = yaml.safe_load(read_text(BASE))
     if k.node_pool:

@@ -164,6 +164,12 @@ class RayTrialLauncher(Launcher):
             self._start_ray([t.run for t in runnable], len(runnable))
             for trial in runnable:
                 self._plan(trial, sweep_dir)
+        if not any(t.plan is not None for t in trials):  # nothing to run: one clear line, not a summary of failures
+            from orchestrator.errors import UserError
+
+            first = trials[0].record if trials else {"num": "-", "error": "no trials"}
+            raise UserError(f"every trial of the sweep is invalid ({len(trials)} of {len(trials)}; each one's error "
+                            f"is in its trial.json under {sweep_dir}); trial {first['num']}: {first['error']}")
         log.info(f"Launching {len(trials)} trials on Ray"
                  + (f", at most {self.max_concurrent} at once" if self.max_concurrent else ""))
         self._run_all([t for t in trials if t.plan is not None])

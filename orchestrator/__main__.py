@@ -39,12 +39,17 @@ register_schema()
 
 @hydra.main(version_base="1.3", config_path="pkg://orchestrator.hydra_conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    run = None
     try:
         run = to_run_config(cfg)
         run.run_dir = HydraConfig.get().runtime.output_dir
         execute(run, overrides=list(HydraConfig.get().overrides.task))
     except UserError as err:  # exit here: past this point Hydra prints its own line about the job
         sys.exit(report_user_error(str(err)))
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to resume, exit code 130
+        from launch.local import report_interrupt
+
+        sys.exit(report_interrupt(run, list(HydraConfig.get().overrides.task)))
 
 
 def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
@@ -125,6 +130,8 @@ def cli() -> None:
         main()
     except (HydraException, OmegaConfBaseException) as err:
         sys.exit(report_user_error(describe_config_error(err)))
+    except UserError as err:  # raised outside main(): a sweep's launcher (e.g. every trial invalid)
+        sys.exit(report_user_error(str(err)))
 
 
 if __name__ == "__main__":

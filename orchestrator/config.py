@@ -376,6 +376,8 @@ def validate(run: RunConfig) -> None:
     _check(m.freeze_depth >= 0, "model.freeze_depth", m.freeze_depth,
            "an integer from 0 to the model's number of layers")
     _check(d.max_length >= 8, "data.max_length", d.max_length, "an integer >= 8 (tokens)")
+    _check(d.max_validation_rows is None or d.max_validation_rows >= 1, "data.max_validation_rows",
+           d.max_validation_rows, "an integer >= 1 (every run evaluates on validation rows), or null for all")
     _check(0 < d.validation_fraction < 1, "data.validation_fraction", d.validation_fraction, "a number in (0, 1)")
     _check(d.chat_template in ("auto", "chatml") or "{{" in d.chat_template, "data.chat_template", d.chat_template,
            "auto, chatml, or a Jinja chat template (a string with {{ ... }})")

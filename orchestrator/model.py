@@ -100,6 +100,63 @@ def check_freeze_depth(cfg: ModelConfig, config: dict) -> None:
                         f"{layers} layers (use 0..{layers})")
 
 
+POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                  "vocab_size", "max_position_embeddings", "head_dim", "n_layer", "n_head", "n_embd", "n_positions")
+
+
+def check_model_config(cfg: ModelConfig, config: dict, max_length: int) -> None:
+    """Before anything starts: data.max_length within the model's position limit, and model.config_overrides
+    that make a model (known settings of its config class, positive sizes, heads that divide the width, and the
+    model then built on the meta device: no memory, no weights)."""
+    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and max_length > limit:
+        raise UserError(f"data.max_length={max_length} is not allowed: {cfg.path} has positions for {limit} tokens "
+                        f"(max_position_embeddings); use data.max_length <= {limit}")
+    if cfg.config_overrides:
+        check_config_overrides(cfg, config)
+
+
+def check_config_overrides(cfg: ModelConfig, config: dict) -> None:
+    from transformers import CONFIG_MAPPING
+
+    overrides = dict(cfg.config_overrides)
+    where = "model.config_overrides"
+    model_type = config.get("model_type", "")
+    config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # a lazy mapping: no .get
+    if config_class is not None:
+        known = set(config_class().to_dict())
+        for key in overrides:
+            if key not in known and not hasattr(config_class(), key):
+                raise UserError(f"{where}.{key} is not allowed: {config_class.__name__} ({cfg.path}) has no such "
+                                f"setting; e.g. {', '.join(k for k in POSITIVE_SIZES if k in known)}")
+    for key in POSITIVE_SIZES:
+        value = config.get(key)
+        if key in overrides and value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                                      or value < 1):
+            raise UserError(f"{where}.{key}={value} is not allowed: an integer >= 1")
+    width, heads = config.get("hidden_size", config.get("n_embd")), config.get("num_attention_heads",
+                                                                              config.get("n_head"))
+    if isinstance(width, int) and isinstance(heads, int) and heads and config.get("head_dim") is None \
+            and width % heads:
+        raise UserError(f"{where}: hidden_size={width} is not a multiple of num_attention_heads={heads}; "
+                        "change one of them")
+    kv_heads = config.get("num_key_value_heads")
+    if isinstance(kv_heads, int) and isinstance(heads, int) and kv_heads and heads % kv_heads:
+        raise UserError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    if config_class is None:
+        return
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if cfg.task is Task.classification else AutoModelForCausalLM
+    try:
+        model_config = config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+        with torch.device("meta"):
+            auto.from_config(model_config)
+    except Exception as err:  # noqa: BLE001 - whatever the architecture raises for a shape it cannot build
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{where}={overrides} make no model of {cfg.path}: {type(err).__name__}: {text}")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

@@ -8,8 +8,9 @@ Quick local inference with an export (a model directory written by a run):
 Every input row comes back with "prediction" (and "probability") added, as JSON lines on stdout or in
 --output. With --score, rows that carry the answer (classification: "label"; alpaca: "output"; chat: a final
 assistant turn) are scored: accuracy and macro-F1, or ROUGE-L and BLEU with a few samples, on stderr.
-Weights load from safetensors only, and no code shipped with a model runs. A missing directory or a
-malformed row ends with one line on stderr and exit code 2.
+Weights load from safetensors only, and no code shipped with a model runs. A missing directory, an incomplete
+export (no weights, config.json or tokenizer files, or a truncated weights file), a malformed row or --score on
+rows without answers ends with one line on stderr and exit code 2. --output's directory is created if missing.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.max_new_tokens < 1 or args.batch_size < 1 or (args.max_length is not None and args.max_length < 8):
             raise UserError("--max-new-tokens and --batch-size must be >= 1, --max-length >= 8")
-        rows = read_input(args.input, export_task(args.export_dir))  # a bad row fails before the model loads
+        task = export_task(args.export_dir)
+        check_export(args.export_dir)  # complete (weights, config, tokenizer) before anything is read or loaded
+        rows = read_input(args.input, task)  # a bad row fails before the model loads
+        if args.score:
+            check_scorable(rows, task, args.input)
+        if args.output:
+            prepare_output(args.output)
         predictor = Predictor(args.export_dir, max_length=args.max_length)
         results = predictor.predict(rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         if args.score:
@@ -78,6 +85,94 @@ def read_input(path: str, task: str):
     return rows
 
 
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                          "sentencepiece.bpe.model")
+
+
+def check_export(export_dir: str) -> None:
+    """An export is complete or refused, naming what is missing: its config.json and safetensors weights (every
+    shard an index names, each as long as its header says: a truncated copy is caught here), or an adapter-only
+    export's adapter/; and its tokenizer (tokenizer_config.json and a vocabulary; without them transformers would
+    build an empty tokenizer and predict garbage)."""
+    missing = []
+    weights: List[str] = []
+    if os.path.isfile(os.path.join(export_dir, "config.json")):
+        index = os.path.join(export_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            shards = sorted(set((_read_json(index).get("weight_map") or {}).values()))
+            weights = [os.path.join(export_dir, shard) for shard in shards]
+            missing += [shard for shard in shards if not os.path.isfile(os.path.join(export_dir, shard))]
+        elif os.path.isfile(os.path.join(export_dir, "model.safetensors")):
+            weights = [os.path.join(export_dir, "model.safetensors")]
+        else:
+            missing.append("model.safetensors (the weights; predict loads safetensors only)")
+    else:  # an adapter-only export (export_task found adapter/adapter_config.json)
+        adapter = os.path.join(export_dir, ADAPTER_DIR, "adapter_model.safetensors")
+        if os.path.isfile(adapter):
+            weights = [adapter]
+        else:
+            missing.append(f"{ADAPTER_DIR}/adapter_model.safetensors (the adapter's weights)")
+    if not os.path.isfile(os.path.join(export_dir, "tokenizer_config.json")):
+        missing.append("tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(export_dir, name)) for name in TOKENIZER_VOCABULARIES):
+        missing.append(f"the tokenizer's vocabulary (one of {', '.join(TOKENIZER_VOCABULARIES)})")
+    if missing:
+        raise UserError(f"{export_dir}: incomplete export, missing {'; '.join(missing)}; export again, or copy the "
+                        "whole <run_dir>/export directory")
+    for path in weights:
+        check_safetensors(path)
+
+
+def check_safetensors(path: str) -> None:
+    """A safetensors file is 8 bytes of header length, a JSON header, then the tensors' bytes: its size must be what
+    the header says (a truncated copy would otherwise fail deep inside the loader, or load partly)."""
+    import struct
+
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if header_length > size:
+                raise ValueError("header length beyond the file")
+            header = json.loads(handle.read(header_length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError):
+        raise UserError(f"{path}: not a valid safetensors file ({size} bytes); the export is damaged: export again")
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        raise UserError(f"{path}: truncated, {size} of {expected} bytes; the export is damaged (an interrupted copy?): "
+                        "copy or export it again")
+    if size > expected:
+        raise UserError(f"{path}: {size - expected} bytes more than its header describes; the export is damaged: "
+                        "export it again")
+
+
+def check_scorable(rows, task: str, path: str) -> None:
+    """--score needs rows that carry the answer (a classifier: "label"; a causal LM: alpaca "output" or a final
+    assistant turn)."""
+    if task == "classification":
+        if not any(row.fields.get("label") not in (None, "") for row in rows):
+            raise UserError(f"--score: none of the {len(rows)} rows of {path} has a 'label' to score against; "
+                            "add labels or leave out --score")
+    elif not any(reference_answer(row.fields) is not None for row in rows):
+        raise UserError(f"--score: none of the {len(rows)} rows of {path} carries an answer to score against (alpaca "
+                        "'output', or a final assistant turn); add answers or leave out --score")
+
+
+def prepare_output(path: str) -> None:
+    """--output: a file; its directory is created if missing (as a run creates its run directory)."""
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a directory; give a file name, e.g. "
+                        f"{os.path.join(path, 'predictions.jsonl')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {path}: cannot create its directory {parent} ({err.strerror})")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output {path}: the directory {parent} is not writable")
+
+
 def reference_answer(fields: Dict[str, Any]) -> Optional[str]:
     """The answer a row carries: alpaca "output", or the content of a chat's final assistant turn."""
     from orchestrator.data.formats import CHAT_FIELDS, chat_messages
@@ -96,7 +191,7 @@ def score(results: List[Dict[str, Any]], predictor: "Predictor") -> str:
 
     if predictor.task == "classification":
         label2id = {name: i for i, name in predictor.model.config.id2label.items()}
-        scored = [r for r in results if "label" in r]
+        scored = [r for r in results if r.get("label") not in (None, "")]
         unknown = sorted({str(r["label"]) for r in scored} - set(label2id))
         if unknown:
             raise UserError(f"--score: labels {unknown} are not among the model's labels {sorted(label2id)}")
@@ -160,6 +255,7 @@ class Predictor:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # stderr keeps to one line on errors
         self.task = export_task(export_dir)
+        check_export(export_dir)
         self.export_dir = export_dir
         self.max_length = max_length
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -179,7 +275,7 @@ class Predictor:
         try:
             return auto.from_pretrained(self.export_dir, use_safetensors=True, trust_remote_code=False,
                                               dtype="auto")
-        except (OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' and torch's errors on bad files
             raise UserError(f"{self.export_dir}: cannot load the model ({_first_line(err)})")
 
     def _load_adapter(self, adapter: str):

@@ -69,7 +69,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     model_config: the model's config.json as the caller has read it already; else read here.
     """
     from orchestrator.data import read_data
-    from orchestrator.model import check_freeze_depth, read_model_config
+    from orchestrator.model import check_freeze_depth, check_model_config, read_model_config
     from orchestrator.plan import describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"
@@ -79,6 +79,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         model_config = read_model_config(run.model, shape_only=shape_only)  # fails fast on a missing model
     if check_freeze:
         check_freeze_depth(run.model, model_config)
+    check_model_config(run.model, model_config, run.data.max_length)  # position limit, config_overrides
     raw = None
     if data is DataCheck.read or (data is DataCheck.where_present and data_on_this_machine(run)):
         raw = read_data(run.data, run.model.task, run.trainer.seed)
@@ -156,6 +157,9 @@ def check_encoded(run: RunConfig, raw) -> int:
 
     data = encode_data(raw, load_tokenizer(run.model))
     console.note(describe_data(data))
+    if not data.train or not data.validation:
+        raise UserError(f"data.path={run.data.path}: the {'training' if not data.train else 'validation'} set is "
+                        "empty after tokenization (see the data report above); check the data or data.max_length")
     too_long = data.train_report.truncated + data.validation_report.truncated
     if too_long and run.data.overlong is Overlong.fail:
         raise UserError(f"data.path={run.data.path}: {data.train_report.truncated} train and "

@@ -28,7 +28,7 @@ from orchestrator.data.formats import (
     encode_text,
     label_names,
 )
-from orchestrator.data.readers import Row, read_reference, read_splits
+from orchestrator.data.readers import Row, read_reference, read_splits, resolve_dataset_files
 from orchestrator.errors import UserError
 
 
@@ -79,13 +79,25 @@ def read_dataset(cfg: DataConfig, task: Task, seed: int, key: str = "data.path")
     train, validation = read_splits(cfg.path, cfg.validation_path, cfg.validation_fraction, seed)
     fmt = detect_format(train, cfg.format)
     if FORMAT_TASK[fmt] is not task:
-        raise UserError(f"{key}={cfg.path} holds {fmt.value} data, which needs model.task="
+        # a CSV file's format comes from its header: say so (a misnamed column is the usual cause)
+        origin = f" (by the columns of its header, {train[0].header}: {sorted(train[0].fields)})" \
+            if train[0].header and cfg.format is DataFormat.auto else ""
+        raise UserError(f"{key}={cfg.path} holds {fmt.value} data{origin}, which needs model.task="
                         f"{FORMAT_TASK[fmt].value}, but model.task={task.value}")
     check_rows(train, fmt)
     check_rows(validation, fmt)
     if cfg.max_validation_rows is not None:
         validation = validation[: cfg.max_validation_rows]
-    labels = label_names(train, validation) if fmt is DataFormat.classification else None
+    if not validation:
+        raise UserError(f"{key}={cfg.path}: the validation set is empty (data.max_validation_rows="
+                        f"{cfg.max_validation_rows}); every run evaluates on validation rows: give some")
+    labels = None
+    if fmt is DataFormat.classification:
+        automatic = resolve_dataset_files(cfg.path, cfg.validation_path)[1] is None
+        labels = label_names(train, validation, held_out=automatic)
+        if len(labels) < 2:  # every prediction would be right: a meaningless model with perfect scores
+            raise UserError(f"{key}={cfg.path}: every training row has the label {labels[0]!r}; a classifier "
+                            "needs rows of at least two classes (with one, it learns nothing and scores perfectly)")
     return RawData(fmt, train, validation, labels, cfg, name=dataset_name(cfg.path))
 
 

@@ -104,13 +104,30 @@ def detect_format(rows: Sequence[Row], requested: DataFormat) -> DataFormat:
     for fmt in (DataFormat.classification, DataFormat.alpaca, DataFormat.text):
         if set(_FIELDS[fmt]) <= keys:
             return fmt
+    if rows[0].header:  # CSV: the field names are the header's
+        raise UserError(f"{rows[0].header} (the header): cannot tell the data format from columns {sorted(keys)}; "
+                        "expected classification (text, label), alpaca (instruction, input, output), chat (messages "
+                        "or conversations) or text (text alone); or set data.format")
     raise UserError(f"{rows[0].where}: cannot tell the data format from fields {sorted(keys)}; expected "
                     "classification (text, label), alpaca (instruction, input, output), chat (messages or "
                     "conversations) or text (text alone); or set data.format")
 
 
 def check_rows(rows: Sequence[Row], fmt: DataFormat) -> None:
-    """Every row has the format's fields, as non-empty text (chat: a well-formed list of turns)."""
+    """Every row has the format's fields, as non-empty text (chat: a well-formed list of turns). A column that a
+    CSV file's header lacks is named at the header; a field that no row has is named once for the file."""
+    required = CHAT_FIELDS if fmt is DataFormat.chat else _FIELDS[fmt]
+    if rows and rows[0].header:
+        columns = set(rows[0].fields)
+        missing = [k for k in required if k not in columns]
+        if (fmt is DataFormat.chat and len(missing) == len(CHAT_FIELDS)) or (fmt is not DataFormat.chat and missing):
+            raise UserError(f"{rows[0].header} (the header): no column {missing[0]!r}, which data.format={fmt.value} "
+                            f"needs; the header names {sorted(columns)}")
+    if len(rows) > 1 and fmt is not DataFormat.chat:
+        for key in required:
+            if all(_blank(row.fields.get(key)) for row in rows):
+                raise UserError(f"{_file_of(rows)}: none of its {len(rows)} rows has a {key!r}, which "
+                                f"data.format={fmt.value} needs in every row")
     for row in rows:
         if fmt is DataFormat.chat:
             chat_messages(row)
@@ -123,11 +140,20 @@ def check_rows(rows: Sequence[Row], fmt: DataFormat) -> None:
                 raise UserError(f"{row.where}: field {key!r} must be non-empty text, got {value!r}")
 
 
-def label_names(train: Sequence[Row], validation: Sequence[Row]) -> List[str]:
-    """Class names in sorted order; a validation label that train never saw is an error."""
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def label_names(train: Sequence[Row], validation: Sequence[Row], held_out: bool = False) -> List[str]:
+    """Class names in sorted order; a validation label that train never saw is an error. held_out: validation
+    is the automatic split of the training file (data.validation_fraction), which the message then says."""
     names = sorted({str(r.fields["label"]) for r in train})
     known = set(names)
     for row in validation:
+        if str(row.fields["label"]) not in known and held_out:
+            raise UserError(f"{row.where}: label {row.fields['label']!r} occurs only in the rows held out for "
+                            "validation (the automatic split, data.validation_fraction), never in the rows left to "
+                            "train on; add training rows with it, or give a validation file (data.validation_path)")
         if str(row.fields["label"]) not in known:
             raise UserError(f"{row.where}: label {row.fields['label']!r} never occurs in the training data "
                             f"(train labels: {', '.join(names)})")

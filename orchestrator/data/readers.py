@@ -25,6 +25,7 @@ _EXTENSIONS = (".jsonl", ".json", ".csv")
 class Row:
     fields: Dict[str, Any]
     where: str  # "file:line", for error messages
+    header: Optional[str] = None  # a CSV row: "file:1", where its field names come from (a missing column is there)
 
 
 def read_rows(path: str) -> List[Row]:
@@ -35,7 +36,8 @@ def read_rows(path: str) -> List[Row]:
     if suffix not in _EXTENSIONS:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(_EXTENSIONS)}")
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write one) is not part of the first field's name
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             rows = _read_csv(handle, path) if suffix == ".csv" else _read_jsonl(handle, path)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8")
@@ -52,21 +54,37 @@ def _read_jsonl(handle, path: str) -> List[Row]:
         try:
             fields = json.loads(line)
         except json.JSONDecodeError as err:
+            if not rows and line.strip() in ("[", "{"):  # a pretty-printed JSON document, not JSON Lines
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); this looks like one JSON document "
+                                "over several lines: write one JSON object per line (JSON Lines)")
             raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object")
         if not isinstance(fields, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}")
+            advice = ": write one JSON object per line (JSON Lines), not a JSON array" if isinstance(fields, list) \
+                else ""
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}{advice}")
         rows.append(Row(fields, f"{path}:{number}"))
     return rows
 
 
 def _read_csv(handle, path: str) -> List[Row]:
     reader = csv.DictReader(handle)
+    header = f"{path}:1"
+    names = reader.fieldnames or []
+    if names:  # a problem of the header is named there, not at some data line
+        blank = [i + 1 for i, name in enumerate(names) if not name.strip()]
+        if blank:
+            raise UserError(f"{header} (the header): column {blank[0]} has no name; the first line must name "
+                            f"every column (e.g. text,label), got {names}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UserError(f"{header} (the header): column {repeated[0]!r} is named more than once; each column "
+                            "needs its own name")
     rows = []
     for fields in reader:
         where = f"{path}:{reader.line_num}"
         if None in fields:  # more cells than header names
             raise UserError(f"{where}: more values than the header has columns")
-        rows.append(Row(dict(fields), where))
+        rows.append(Row(dict(fields), where, header=header))
     return rows
 
 
@@ -145,5 +163,9 @@ def read_splits(path: str, validation_path: Optional[str], validation_fraction: 
         members = groups[key]
         rng.shuffle(members)
         held += members[:min(share[key], len(members) - 1)]  # every label keeps a training row
+    if not held:  # every label has one row: holding any out would leave its label untrained
+        raise UserError(f"data.path={path}: no row can be held out for validation: each of the {len(keys)} labels "
+                        f"of its {len(train)} rows has a single row, which training needs; add rows, or give a "
+                        "validation file (data.validation_path)")
     chosen = set(held)
     return [row for i, row in enumerate(train) if i not in chosen], [train[i] for i in sorted(held)]

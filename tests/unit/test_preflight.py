@@ -16,7 +16,9 @@ from orchestrator.preflight import DataCheck, preflight
 from tests.conftest import compose_run
 
 EIGHT_GPUS = ClusterResources(nodes=1, gpus_per_node=8, gpu_memory_gb=80, cpus=16)
-LOCAL_MODEL = ["+experiment=legal_full", "model.path=./model", "dry_run=true", "logger.mode=disabled"]
+# data.max_length within the tiny Llama's 512 positions (legal_full's 2048 is for its 8B model, and refused here)
+LOCAL_MODEL = ["+experiment=legal_full", "model.path=./model", "data.max_length=512", "dry_run=true",
+               "logger.mode=disabled"]
 
 
 @pytest.fixture
