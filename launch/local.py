@@ -56,12 +56,12 @@ def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResour
         cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes))
         node_count = len(nodes)
         host_memory = min((n["Resources"].get("memory", 0) for n in nodes), default=0) / 2**30 or None
-    else:
+    else:  # no Ray: this machine as start_ray's embedded Ray would report it (a dry run), or sizing
         gpus_per_node = torch.cuda.device_count()
-        cpus = os.cpu_count() or 1
+        cpus = max(os.cpu_count() or 1, cluster.cpu_workers + 1)
         node_count = 1
         # sizing for another cluster (cluster.gpus given): its host memory is what the user says, if anything
-        host_memory = None if cluster.gpus is not None else psutil.virtual_memory().total / 2**30
+        host_memory = None if cluster.gpus is not None else ray_memory_gb()
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     return ClusterResources(
         nodes=cluster.nodes if cluster.nodes is not None else node_count,
@@ -70,6 +70,18 @@ def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResour
         cpus=cpus,
         host_memory_gb=cluster.host_memory_gb if cluster.host_memory_gb is not None else host_memory,
     )
+
+
+def ray_memory_gb() -> float:
+    """GiB of the "memory" resource an embedded Ray would offer on this machine (available memory less its object
+    store), computed as Ray does without starting it; psutil's estimate where Ray's helpers are not found."""
+    try:
+        from ray._private.utils import estimate_available_memory, resolve_object_store_memory
+
+        available = estimate_available_memory()
+        return (available - resolve_object_store_memory(available)) / 2**30
+    except (ImportError, AttributeError, TypeError):
+        return 0.7 * psutil.virtual_memory().available / 2**30
 
 
 def run_training(run: RunConfig, plan: Plan):

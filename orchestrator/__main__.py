@@ -82,14 +82,15 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
 
 
 def local_resources(run: RunConfig) -> ClusterResources:
-    """What a local run is planned for: what Ray reports, once started (embedded, or joined at cluster.address);
-    a dry run sized for cluster.gpus (another cluster than this machine) starts no Ray."""
+    """What a local run is planned for: what Ray reports, once started (embedded, or joined at cluster.address).
+    A dry run starts no Ray: it reads this machine as the embedded Ray would, or plans for cluster.* as given; only
+    a dry run for the cluster at cluster.address without cluster.gpus joins it to ask."""
     from launch.local import detect_resources, start_ray
 
-    sizing_only = run.dry_run and run.cluster.gpus is not None
-    if not sizing_only:
+    ask_ray = not run.dry_run or (run.cluster.address is not None and run.cluster.gpus is None)
+    if ask_ray:
         start_ray(run.cluster)
-    return detect_resources(run.cluster, ray_started=not sizing_only)
+    return detect_resources(run.cluster, ray_started=ask_ray)
 
 
 def describe_config_error(err: BaseException) -> str:
