@@ -126,6 +126,11 @@ def allowed_keys(full_key: str) -> List[str]:
 
 
 def cli() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):  # ours (orchestrator/cli_help.py); Hydra's: --hydra-help
+        from orchestrator.cli_help import help_text
+
+        sys.stdout.write(help_text())
+        return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's multi-line report
     try:
         main()

@@ -8,6 +8,7 @@ asked: the build uses the setuptools of this venv (--no-build-isolation)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def wheel(source, tmp_path_factory) -> Path:
 def install(what, target: Path, *options) -> Path:
     pip("install", "--no-deps", "--no-index", "-q", *options, "--target", target, what)
     (target / "orchestrator" / "hydra_conf" / "experiment" / f"{MARKER}.yaml").write_text(
-        f"# @package _global_\nname: {MARKER}\n", encoding="utf-8")
+        f"# @package _global_\n# Only in the installed copy.\nname: {MARKER}\n", encoding="utf-8")
     return target
 
 
@@ -113,15 +114,21 @@ def test_the_installed_copy_is_what_runs(how, from_wheel, from_source, tmp_path)
     console_help = run_installed(site, tmp_path, site / "bin" / "orchestrator", "--help").stdout
     module_help = run_installed(site, tmp_path, sys.executable, "-m", "orchestrator", "--help").stdout
     assert console_help == module_help
-    assert MARKER in console_help  # the experiments listed are the installed copy's
+    assert re.search(rf"\n  {MARKER} +Only in the installed copy\.\n", console_help)  # the installed configs
     assert "legal_demo" in console_help and "minilm" in console_help
+    # no checkout next to it: the help says how to read the README installed as the package's description
+    assert "README: the project's README.md; installed" in console_help
+    command = console_help.split("package description:\n", 1)[1].split("\n")[0]
+    readme = run_installed(site, tmp_path, "bash", "-c", command).stdout
+    assert readme.startswith("# orchestrator") and "## Running" in readme
 
 
 def test_a_dry_run_of_the_installed_wheel_plans_from_its_own_configs(from_wheel, tmp_path):
+    """This machine's resources, the bundled sample data, the installed configs; no Ray (tests/unit/test_dry_run.py)."""
     result = run_installed(from_wheel, tmp_path, from_wheel / "bin" / "orchestrator", f"+experiment={MARKER}",
-                           "dry_run=true", *SIZED)
+                           "dry_run=true")
     output = result.stdout + result.stderr
-    assert "plan:" in output and "strategy=" in output
+    assert "plan:" in output and "strategy=" in output and "323 train rows" in output
     (run_dir,) = (tmp_path / "runs" / MARKER).iterdir()  # named by the installed-only experiment
     assert (run_dir / "plan.json").is_file()
     sources = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["config_sources"]
