@@ -136,43 +136,73 @@ def _as_number(text: Optional[str]) -> Optional[float]:
 
 
 def plot(records: Sequence[Dict[str, Any]], path: str, best_num: Optional[int] = None) -> Optional[str]:
-    """One panel per swept parameter: the metric of each completed trial against that parameter's value
-    (log scale where the values are positive numbers spanning more than 10x); the best trial in red.
-    None if nothing to plot."""
-    import matplotlib
+    """The figure of sweep_figure as a PNG at path; None if nothing to plot."""
+    figure = sweep_figure(records, best_num)
+    if figure is None:
+        return None
+    figure.savefig(path, dpi=100)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _log_scaled(key: str, numbers: Sequence[float]) -> bool:
+    """Log scale for a positive parameter that is a rate or a scale (optim.lr, optim.lr_scale, ...) or spans more
+    than 10x: its values are usually spaced by factors."""
+    if min(numbers) <= 0 or len(set(numbers)) < 2:
+        return False
+    name = key.rsplit(".", 1)[-1]
+    return name in ("lr", "learning_rate") or name.startswith("lr_") or name.endswith("_lr") or \
+        max(numbers) / min(numbers) > 10
+
+
+def sweep_figure(records: Sequence[Dict[str, Any]], best_num: Optional[int] = None):
+    """One panel per swept parameter: the metric of each completed trial against that parameter's value, ticks
+    at the values swept (a log axis for rates and wide ranges); the best trial a red star named in a legend.
+    None if nothing to plot. Drawn on matplotlib's Agg canvas without pyplot (no display, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, NullLocator
 
     keys = swept_keys(records)
     done = [r for r in records if r["status"] == "completed" and is_number(r.get("value"))]
     if not keys or not done:
         return None
     metric = done[0]["metric"]
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    best = next((r for r in done if r["num"] == best_num), None)
+    figure = Figure(figsize=(4.5 * len(keys), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for axis, key in zip(axes, keys):
         texts = [swept_values(r, [key])[key] for r in done]
         numbers = [_as_number(t) for t in texts]
         if all(n is not None for n in numbers):
             xs = numbers
-            if min(numbers) > 0 and max(numbers) / min(numbers) > 10:
+            ticks = sorted(set(numbers))
+            if _log_scaled(key, numbers):
                 axis.set_xscale("log")
+                axis.xaxis.set_minor_locator(NullLocator())
+                axis.xaxis.set_minor_formatter(NullFormatter())
+                margin = (max(ticks) / min(ticks)) ** 0.08 if len(ticks) > 1 else 2
+                axis.set_xlim(min(ticks) / margin, max(ticks) * margin)
+            axis.set_xticks(ticks, [f"{t:g}" for t in ticks], rotation=30 if len(ticks) > 4 else 0)
         else:
             categories = sorted({str(t) for t in texts})
             xs = [categories.index(str(t)) for t in texts]
             axis.set_xticks(range(len(categories)), categories, rotation=20)
-        colors = ["tab:red" if r["num"] == best_num else "tab:blue" for r in done]
-        axis.scatter(xs, [r["value"] for r in done], c=colors)
+        others = [(x, r["value"]) for x, r in zip(xs, done) if r is not best]
+        if others:
+            axis.scatter([x for x, _ in others], [v for _, v in others], color="tab:blue", label="trial")
+        if best is not None:
+            x = xs[done.index(best)]
+            axis.scatter([x], [best["value"]], color="tab:red", marker="*", s=160, zorder=3,
+                         label=f"best: trial {best['num']} ({metric.split('/')[-1]} {best['value']:.4g})")
         axis.ticklabel_format(axis="y", useOffset=False, style="plain")
         axis.set_xlabel(key)
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="best")
     failed = len(records) - len(done)
     figure.suptitle(f"{metric} per trial ({len(done)} completed" + (f", {failed} failed)" if failed else ")"))
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def best_overrides_line(record: Dict[str, Any]) -> str:

@@ -21,13 +21,16 @@ ADAPTER_DIR = "adapter"  # inside an export: the peft adapter (always written fo
 
 
 def write_model_card(export_dir: str, config: Dict[str, Any], metrics: Dict[str, Any],
-                     strategy: Union[Strategy, str, None] = None) -> str:
+                     strategy: Union[Strategy, str, None] = None, plan: Union[Dict[str, Any], Any, None] = None) -> str:
     """Write <export_dir>/README.md from the run's config_dict() and final metrics; also make sure a causal
     LM export has a generation_config.json. `strategy`: the plan's (config says "auto" when the planner
-    chose). Returns the README's path."""
+    chose). `plan`: the Plan (or plan.json's dict) the run trained with, for the resolved batch layout,
+    precision and hyperparameters; by default the run directory's plan.json (the export's parent), if any.
+    Returns the README's path."""
     model, data = config.get("model", {}), config.get("data", {})
     task = model.get("task", "classification")
-    strategy = Strategy(strategy or config.get("strategy", "auto"))
+    plan = _plan_dict(plan, export_dir)
+    strategy = Strategy(strategy or plan.get("strategy") or config.get("strategy", "auto"))
     has_full_model = os.path.isfile(os.path.join(export_dir, "config.json"))
     has_adapter = os.path.isfile(os.path.join(export_dir, ADAPTER_DIR, "adapter_config.json"))
     if has_full_model and task == "causal_lm":
@@ -54,7 +57,7 @@ def write_model_card(export_dir: str, config: Dict[str, Any], metrics: Dict[str,
                       "that cannot be merged) and the tokenizer: load it on top of the base model."]
 
     lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {key} | `{value}` |" for key, value in _highlights(config, strategy)]
+    lines += [f"| {key} | `{value}` |" for key, value in _highlights(config, strategy, plan, metrics)]
 
     table = _metric_rows(metrics)
     if metrics.get("select/exported_step") is not None:
@@ -120,18 +123,53 @@ def _labels(export_dir: str) -> List[str]:
         return []
 
 
-def _highlights(config: Dict[str, Any], strategy: Strategy) -> List[tuple]:
+def _plan_dict(plan: Union[Dict[str, Any], Any, None], export_dir: str) -> Dict[str, Any]:
+    """The plan as plan.json holds it: from a Plan, a dict, or <export_dir>/../plan.json; {} when there is none."""
+    if plan is not None:
+        return plan if isinstance(plan, dict) else json.loads(plan.to_json())
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(export_dir)), "plan.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _highlights(config: Dict[str, Any], strategy: Strategy, plan: Optional[Dict[str, Any]] = None,
+                metrics: Optional[Dict[str, Any]] = None) -> List[tuple]:
+    """The settings the run trained with, resolved: the plan's batch layout, precision, steps and the
+    hyperparameters it filled in win over the config's auto / null; a row that cannot be resolved is left out."""
     model, data, optim = config.get("model", {}), config.get("data", {}), config.get("optim", {})
     trainer, peft = config.get("trainer", {}), config.get("peft", {})
+    plan, metrics = plan or {}, metrics or {}
+    filled = {key: row.get("value") for key, row in (plan.get("hyperparameters") or {}).items()}
+
+    def value(section: Dict[str, Any], key: str) -> Any:
+        resolved = filled.get(key, section.get(key.split(".", 1)[1]))
+        return None if resolved == "auto" else resolved
+
+    workers, micro = plan.get("num_workers"), plan.get("micro_batch_size") or trainer.get("micro_batch_size")
+    accum = plan.get("grad_accum") or trainer.get("grad_accum")
+    if plan.get("global_batch_size"):
+        device = "GPU" if plan.get("use_gpu") else "CPU"
+        global_batch = (f"{plan['global_batch_size']} = {workers} {device} worker(s) x {micro} micro-batch x "
+                        f"{accum} accumulation")
+    else:
+        global_batch = trainer.get("global_batch_size")
+    steps = plan.get("max_steps") or trainer.get("max_steps")
+    if metrics.get("step") and steps and metrics["step"] != steps:
+        steps = f"{metrics['step']} of {steps} planned"
+    schedule, warmup = value(optim, "optim.schedule"), value(optim, "optim.warmup_ratio")
     rows = [("base model", model.get("path")), ("task", model.get("task")), ("strategy", strategy.value),
             ("data", data.get("path")), ("data format", data.get("format")), ("max length (tokens)",
                                                                               data.get("max_length")),
-            ("epochs", trainer.get("epochs")), ("optimizer steps", trainer.get("max_steps")),
-            ("micro-batch per worker", trainer.get("micro_batch_size")),
-            ("global batch", trainer.get("global_batch_size") or f"micro x workers x {trainer.get('grad_accum')}"),
-            ("learning rate", optim.get("lr")), ("schedule", f"{optim.get('schedule')}, warmup "
-                                                             f"{optim.get('warmup_ratio')}"),
-            ("precision", trainer.get("precision")), ("seed", trainer.get("seed"))]
+            ("epochs", value(trainer, "trainer.epochs")), ("optimizer steps", steps),
+            ("micro-batch per worker", micro), ("global batch", global_batch),
+            ("learning rate", value(optim, "optim.lr")),
+            ("schedule", f"{schedule}, warmup {warmup}" if schedule is not None else None),
+            ("precision", plan.get("precision") or value(trainer, "trainer.precision")),
+            ("DeepSpeed", f"ZeRO stage {plan['zero_stage']}" + (", offload to host" if plan.get("offload") else "")
+             if plan.get("zero_stage") is not None else None),
+            ("seed", trainer.get("seed"))]
     if strategy.low_rank:
         rows += [("LoRA rank / alpha", f"{peft.get('rank')} / {peft.get('alpha')}"),
                  ("merged", peft.get("merge"))]

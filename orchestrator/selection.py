@@ -10,7 +10,7 @@ the exported model is the one validation chose, not merely the last one. No extr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -32,6 +32,7 @@ class Selection:
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     evaluations_since_best: int = 0
+    history: List[List[float]] = field(default_factory=list)  # [step, value] of every finite evaluation (plots)
 
     def improves(self, value: Optional[float], ties_win: bool = False) -> bool:
         if value is None or not math.isfinite(value):
@@ -42,7 +43,7 @@ class Selection:
 
     def to_notes(self) -> Dict[str, Any]:
         return {"select/metric": self.metric, "select/best_value": self.best_value, "select/best_step": self.best_step,
-                "select/evaluations_since_best": self.evaluations_since_best}
+                "select/evaluations_since_best": self.evaluations_since_best, "select/history": list(self.history)}
 
     @classmethod
     def from_notes(cls, notes: Dict[str, Any], metric: str) -> "Selection":
@@ -50,11 +51,13 @@ class Selection:
         if notes.get("select/metric") != metric:
             return cls(metric)
         return cls(metric, notes.get("select/best_value"), notes.get("select/best_step"),
-                   notes.get("select/evaluations_since_best", 0))
+                   notes.get("select/evaluations_since_best", 0), [list(p) for p in notes.get("select/history", [])])
 
     def observe(self, step: int, value: Optional[float], ties_win: bool = False) -> bool:
         """Record an evaluation; True when it is the new best (with ties_win, also when it equals the best: the
         final weights, trained longer, win a tie)."""
+        if value is not None and math.isfinite(value) and [step, value] not in self.history:
+            self.history.append([step, value])
         if self.improves(value, ties_win):
             self.best_value, self.best_step, self.evaluations_since_best = value, step, 0
             return True

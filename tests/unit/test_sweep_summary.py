@@ -142,3 +142,20 @@ def test_the_built_in_tuner_searches_around_the_strategys_defaults(sweep, swept)
         cfg = compose("config", overrides=["+experiment=legal_demo", f"+sweep={sweep}"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert {k: str(v) for k, v in cfg.hydra.sweeper.params.items()} == swept
+
+
+def test_the_sweep_plot_has_a_log_lr_axis_with_readable_ticks_and_the_best_in_a_legend():
+    """Learning rates 5e-5 .. 4e-4 (an 8x span, once on a linear axis with labels running together): a log axis,
+    ticks at the swept values, no two tick labels overlapping, the best trial named in the legend."""
+    lrs = ["5e-05", "0.0001", "0.0002", "0.0004"]
+    records = [record(n, lr, 8 * (1 + n % 2), 0.4 + 0.05 * n) for n, lr in enumerate(lrs)]
+    figure = summary.sweep_figure(records, best_num=3)
+    lr_axes = next(a for a in figure.axes if a.get_xlabel() == "optim.lr")
+    assert lr_axes.get_xscale() == "log"
+    figure.canvas.draw()
+    labels = [t for t in lr_axes.get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in labels] == ["5e-05", "0.0001", "0.0002", "0.0004"]
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    legend = [t.get_text() for t in lr_axes.get_legend().get_texts()]
+    assert "best: trial 3 (macro_f1 0.55)" in legend and "trial" in legend
