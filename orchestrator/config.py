@@ -346,6 +346,7 @@ def validate(run: RunConfig) -> None:
     _check(t.patience >= 0, "trainer.patience", t.patience, "an integer >= 0 (0 = never stop early)")
     _check(bool(t.select_metric.strip()), "trainer.select_metric", t.select_metric,
            "auto, or the name of a validation metric such as macro_f1, accuracy, loss")
+    validate_metric_names(run)
     _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size,
            "an integer >= 1, or null (the planner picks the largest that fits)")
     _check(t.micro_batch_size is not None or t.global_batch_size is not None, "trainer.micro_batch_size",
@@ -404,6 +405,30 @@ def validate(run: RunConfig) -> None:
         _check(o.class_weighting in (None, ClassWeighting.none), "optim.class_weighting",
                getattr(o.class_weighting, "value", None), "none or null for model.task=causal_lm (it applies to "
                "classification)")
+
+
+def validate_metric_names(run: RunConfig) -> None:
+    """trainer.select_metric and trainer.early_stopping_metric name a metric the task's validation reports (else
+    selection never finds it: the last weights are exported, and trainer.patience stops the run early), and
+    early stopping compares in the metric's direction."""
+    t = run.trainer
+    names = ["loss", "accuracy", "macro_f1"] if run.model.task is Task.classification else ["loss", "perplexity"]
+    if run.model.task is Task.causal_lm and t.eval_generate_rows:
+        names += ["rougeL", "bleu", "accuracy", "macro_f1", "unparsed"]  # from generated answers
+    for key, value in (("trainer.select_metric", t.select_metric), ("trainer.early_stopping_metric",
+                                                                    t.early_stopping_metric)):
+        name = value.strip().removeprefix("eval/")
+        if key == "trainer.select_metric" and name == "auto":
+            continue
+        _check("/" in name or name in names, key, value, f"{'auto, or ' if key.endswith('select_metric') else ''}"
+               f"a metric the validation of model.task={run.model.task.value} reports: {', '.join(names)} (a data.mix "
+               "dataset's as <name>/loss)")
+    if t.early_stopping:
+        name = t.early_stopping_metric.strip().removeprefix("eval/").rsplit("/", 1)[-1]
+        lower = name in ("loss", "perplexity") or name.endswith("_loss") or name.startswith("loss")  # as selection.py
+        _check(t.early_stopping_mode == ("min" if lower else "max"), "trainer.early_stopping_mode",
+               t.early_stopping_mode, f"{'min' if lower else 'max'} for trainer.early_stopping_metric="
+               f"{t.early_stopping_metric} ({'lower' if lower else 'higher'} is better)")
 
 
 def validate_mix(d: DataConfig) -> None:

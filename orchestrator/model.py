@@ -116,6 +116,40 @@ def check_model_config(cfg: ModelConfig, config: dict, max_length: int) -> None:
         check_config_overrides(cfg, config)
 
 
+def meta_model(cfg: ModelConfig, config: dict) -> Optional[nn.Module]:
+    """The model built from its config.json on the meta device (no memory, no weights); None for an architecture
+    that transformers does not know by model_type."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_type = config.get("model_type", "")
+    if model_type not in CONFIG_MAPPING:  # a lazy mapping: no .get
+        return None
+    auto = AutoModelForSequenceClassification if cfg.task is Task.classification else AutoModelForCausalLM
+    model_config = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        return auto.from_config(model_config)
+
+
+def check_adapter_targets(cfg: ModelConfig, config: dict, targets: Optional[List[str]]) -> None:
+    """peft.target_modules: each names modules of the model (as peft matches them: the full name, or its last
+    parts), checked on the meta model before any worker starts (a name that matches nothing failed in every worker)."""
+    if not targets:
+        return
+    try:
+        model = meta_model(cfg, config)
+    except Exception:  # noqa: BLE001 - an architecture that does not build from its config alone: not checked here
+        return
+    if model is None:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, nn.Linear)})
+            raise UserError(f"peft.target_modules: {target!r} names no module of {cfg.path} "
+                            f"({type(model).__name__}); its linear layers are named {', '.join(leaves)}")
+
+
 def check_config_overrides(cfg: ModelConfig, config: dict) -> None:
     from transformers import CONFIG_MAPPING
 
@@ -143,15 +177,8 @@ def check_config_overrides(cfg: ModelConfig, config: dict) -> None:
     kv_heads = config.get("num_key_value_heads")
     if isinstance(kv_heads, int) and isinstance(heads, int) and kv_heads and heads % kv_heads:
         raise UserError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    if config_class is None:
-        return
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if cfg.task is Task.classification else AutoModelForCausalLM
     try:
-        model_config = config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
-        with torch.device("meta"):
-            auto.from_config(model_config)
+        meta_model(cfg, config)
     except Exception as err:  # noqa: BLE001 - whatever the architecture raises for a shape it cannot build
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"{where}={overrides} make no model of {cfg.path}: {type(err).__name__}: {text}")

@@ -69,7 +69,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     model_config: the model's config.json as the caller has read it already; else read here.
     """
     from orchestrator.data import read_data
-    from orchestrator.model import check_freeze_depth, check_model_config, read_model_config
+    from orchestrator.model import check_adapter_targets, check_freeze_depth, check_model_config, read_model_config
     from orchestrator.plan import describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"
@@ -93,6 +93,8 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         resume_from(run)
     planned_for = resources()
     plan = make_plan(run, planned_for, model_config)
+    if plan.strategy.uses_adapters:
+        check_adapter_targets(run.model, model_config, run.peft.target_modules)
     plan_recipe(run, plan, train_rows, apply=runs_here)
     if report:
         print(describe(plan, planned_for.gpu_memory_gb), flush=True)
