@@ -6,6 +6,7 @@ the DeepSpeed engine lives in orchestrator.train_loop.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -35,12 +36,17 @@ def start_ray(cluster: ClusterConfig) -> None:
         os.environ.setdefault(key, value)
     env_vars = {k: os.environ[k] for k in GPU_ENV}
     if cluster.address:
-        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, logging_level="WARNING",
+                 log_to_driver=False)  # its processes' output stays in their log files (orchestrator/logs.py)
         return
+    # Ray's default for a new local cluster, token authentication, is what we want: no WARNING saying it is on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: not record.getMessage().startswith("Token authentication is enabled"))
     # Embedded cluster: dashboard (which serves Ray Train's state API) on loopback only; one logical CPU
     # more than the workers need, as Ray Train's controller takes a slot (the workers share the real cores).
     ray.init(num_cpus=max(os.cpu_count() or 1, cluster.cpu_workers + 1), include_dashboard=None,
-             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, logging_level="WARNING")
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars}, logging_level="WARNING",
+             log_to_driver=False)
 
 
 def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResources:
@@ -90,10 +96,14 @@ def run_training(run: RunConfig, plan: Plan):
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
+    from orchestrator import console
+    from orchestrator.logs import link_ray_logs
+    from orchestrator.progress import ProgressView, start_feed
     from orchestrator.restarts import FaultDrill
     from orchestrator.train_loop import WorkerInput, train_loop
 
-    worker = WorkerInput(run, plan, progress_bar=sys.stdout.isatty(), fault=FaultDrill.from_environment(run.run_dir))
+    feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
+    worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir))
     loop_config = {"worker": worker}
     trainer = TorchTrainer(
         train_loop,
@@ -108,15 +118,22 @@ def run_training(run: RunConfig, plan: Plan):
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress bar says enough
         ),
     )
+    console.note(link_ray_logs(run.run_dir))  # where the libraries' output went (orchestrator/logs.py)
+    view = ProgressView(feed, terminal=sys.stdout.isatty())
     try:
-        result = trainer.fit()
+        with view:
+            result = trainer.fit()
     except Exception as err:  # a UserError raised inside a worker arrives wrapped by Ray
         user_error = _find_user_error(err)
         if user_error is not None:
             raise user_error from None
         raise
+    finally:
+        ray.kill(feed)
     if run.trainer.save_final:
         export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
+    if result.metrics is not None:  # measured after the final checkpoint (Recipe.finish): optional evaluations
+        result.metrics.update(view.late_metrics)
     return result
 
 

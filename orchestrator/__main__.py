@@ -74,10 +74,13 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
     with open(os.path.join(run.run_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=1)
     console.final_summary(metrics, run)
-    for path in save_run_plots(metrics, checked.raw_data.labels, run.run_dir):
-        console.note(f"plot: {path}")
+    # after the export: a failure here is a warning, never the trained model's loss
     if run.trainer.save_final:
-        write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
+        with console.optional_step("the model card"):
+            write_model_card(os.path.join(run.run_dir, "export"), config_dict(run), metrics, strategy=plan.strategy)
+    with console.optional_step("the plots"):
+        for path in save_run_plots(metrics, checked.raw_data.labels, run.run_dir):
+            console.note(f"plot: {path}")
     return metrics
 
 

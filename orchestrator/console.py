@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from typing import Dict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.config import RunConfig
@@ -34,6 +36,20 @@ def data_summary(raw) -> None:
 
 def note(line: str) -> None:
     _console.print(line)
+
+
+def warning(line: str) -> None:
+    """Something failed that the run survives (the user may want to act on it)."""
+    _console.print(f"[bold yellow]warning:[/] {escape(line)}")
+
+
+@contextlib.contextmanager
+def optional_step(what: str):
+    """A step after the export (plots, the model card): its failure is a warning, and the run goes on."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - optional: the trained model is exported already
+        warning(f"{what} failed after training, the export is kept: {type(err).__name__}: {err}")
 
 
 def final_summary(metrics: Dict, run: RunConfig) -> None:

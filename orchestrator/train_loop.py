@@ -35,12 +35,14 @@ from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_wei
 from orchestrator.deepspeed_config import deepspeed_config
 from orchestrator.errors import UserError
 from orchestrator.generation_eval import generated_answers
+from orchestrator.logs import redirect_worker_output
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import forgetting_metrics, prefixed, validation_metrics
 from orchestrator.model import build_model, load_tokenizer, read_model_config
 from orchestrator.optimization import make_optimizer, make_scheduler
 from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
+from orchestrator.progress import ProgressSender, forward_own_warnings
 from orchestrator.restarts import FaultDrill, Progress, restart_checkpoint
 from orchestrator.selection import Selection, WeightSnapshot
 from orchestrator.timing import PhaseTimer, peak_gpu_memory
@@ -54,7 +56,7 @@ class WorkerInput:
 
     run: RunConfig
     plan: Plan
-    progress_bar: bool = True  # the driver's console is a terminal (else a line every ~10%)
+    feed: Any = None  # the driver's ProgressFeed (orchestrator/progress.py): rank 0's progress, notes and warnings
     fault: Optional[FaultDrill] = None  # ORCHESTRATOR_KILL_WORKER, for failure drills
 
 
@@ -82,6 +84,7 @@ class Recipe:
 
     def setup_worker(self) -> None:
         """Quiet the libraries, join the process group Ray set up, seed."""
+        redirect_worker_output(self.run_config.run_dir, ray.train.get_context().get_world_rank())  # logs.py
         if not self.plan.use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"  # say it, rather than have DeepSpeed warn that it guessed
         import deepspeed
@@ -94,6 +97,9 @@ class Recipe:
         transformers.logging.set_verbosity_error()
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.sender = ProgressSender(self.worker.feed if self.rank == 0 else None)
+        if self.rank == 0:
+            forward_own_warnings(self.sender)  # ours reach the driver's console; the libraries' stay in the log
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -162,7 +168,8 @@ class Recipe:
         if checkpoint is not None:  # a restart inside this run: the steps since that checkpoint run again
             self.state.count_restart(self.progress.last_step())
         self.tracker = Tracker(run.logger, self.rank == 0, run.name, run.run_dir, self.total_steps,
-                               config_dict(run), bar=self.worker.progress_bar)
+                               config_dict(run), self.sender, self.plan.steps_per_epoch,
+                               self.plan.global_batch_size if self.task is Task.classification else 0)
         if self.state.step:
             self.tracker.note(f"resumed at step {self.state.step}" + (
                 f" after {self.state.restarts} restart(s), {self.state.repeated_steps} step(s) repeated"
@@ -186,6 +193,7 @@ class Recipe:
                 state.notes.update(prefixed("eval_before", self.validate()))
                 state.notes.update(self.forgetting("before"))  # kept in checkpoints
             self.tracker.log(0, state.to_history())
+        self.tracker.start(state.step)
         state.notes["time/first_step_at"] = time.time()  # wall clock, for "command to first step"
         self.last_metrics: Dict[str, Any] = {}  # stays empty when resuming a run that had already finished
         nonfinite = NonFiniteSteps(trainer.max_nonfinite_steps, trainer.checkpoint_every,
@@ -201,7 +209,7 @@ class Recipe:
             done = state.step
             # the loss is all-reduced: every rank sees the same value and takes the same branch
             if nonfinite.observe(done, measured):
-                self.tracker.log(done, metrics)
+                self.tracker.log(done, metrics, measured.seconds)
                 self.progress.record(done)
                 if nonfinite.exhausted():
                     self.tracker.note(nonfinite.message())
@@ -212,7 +220,7 @@ class Recipe:
                 with self.timer("eval"):
                     metrics.update(prefixed("eval", self.validate()))
                 stop = self.select(done, metrics) or self.falls_behind(done, metrics)
-            self.tracker.log(done, metrics)
+            self.tracker.log(done, metrics, measured.seconds)
             self.progress.record(done)
             if stop:
                 state.notes["train/stopped_early_at"] = done
@@ -315,22 +323,40 @@ class Recipe:
                         {"history": self.state.to_history()}, export=export)
 
     def finish(self) -> None:
+        """The final evaluation chooses the exported weights; the export is written right after it, so that the
+        optional evaluations that follow (forgetting check, generated answers) cannot cost the trained model: one
+        that fails is a warning on the console, and what they measure reaches the driver afterwards."""
         run = self.run_config
         with self.timer("eval"):
             final_eval = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
             final_eval.update(self.choose_final_weights(final_eval))
-            final_eval.update(self.forgetting("after"))
-            if self.task is Task.causal_lm:
-                final_eval.update(generated_answers(self.engine, self.data.validation, self.tokenizer, self.device,
-                                                    run.trainer.eval_generate_rows, run.trainer.eval_max_new_tokens,
-                                                    self.tracker.note, self.world_size))
         final = {"step": len(self.state.loss), **self.state.to_history(), **self.last_metrics, **final_eval,
                  **self.timer.seconds(), **peak_gpu_memory(self.device)}
-        self.tracker.finish({k: v for k, v in final.items() if not isinstance(v, list)})
         if run.trainer.save_final:
             self.save_checkpoint(final, final=True)
         else:
             report_metrics_only(final, self.rank)
+        late: Dict[str, Any] = {}
+        with self.timer("eval"):
+            for name, evaluate in self.optional_evaluations():
+                try:
+                    late.update(evaluate())
+                except Exception as err:  # noqa: BLE001 - optional: the export is written already
+                    self.tracker.warn(f"{name} failed after training, the export is kept: "
+                                      f"{type(err).__name__}: {err}")
+        late.update(self.timer.seconds())
+        self.tracker.late_metrics(late)
+        self.tracker.finish({k: v for k, v in {**final, **late}.items() if not isinstance(v, list)})
+
+    def optional_evaluations(self):
+        """(name, evaluation) after the export: each returns metrics; a failure costs only its own figures. Every
+        rank runs them (ZeRO-3 gathers parameters collectively), so each fails the same way on every rank."""
+        run = self.run_config
+        yield "the forgetting check (data.reference_path)", lambda: self.forgetting("after")
+        if self.task is Task.causal_lm:
+            yield "the generation check (trainer.eval_generate_rows)", lambda: generated_answers(
+                self.engine, self.data.validation, self.tokenizer, self.device, run.trainer.eval_generate_rows,
+                run.trainer.eval_max_new_tokens, self.tracker.note, self.world_size)
 
 
 class NonFiniteSteps:
