@@ -105,7 +105,7 @@ def run_training(run: RunConfig, plan: Plan):
     feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
     worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir))
     loop_config = {"worker": worker}
-    trainer = TorchTrainer(
+    trainer = interrupt_noting(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu),
@@ -122,7 +122,7 @@ def run_training(run: RunConfig, plan: Plan):
     view = ProgressView(feed, terminal=sys.stdout.isatty())
     try:
         with view:
-            result = trainer.fit()
+            result = fit(trainer)
     except Exception as err:  # a UserError raised inside a worker arrives wrapped by Ray
         user_error = _find_user_error(err)
         if user_error is not None:
@@ -138,6 +138,44 @@ def run_training(run: RunConfig, plan: Plan):
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+
+
+def interrupt_noting(trainer_class):
+    """The trainer class, noting a Ctrl-C in `interrupted`. Ray Train (v2) handles SIGINT during fit() itself: it
+    aborts the workers and ends the driver with SystemExit(0), so that without this a stopped run exits as if it
+    had succeeded (or with a traceback, on a second Ctrl-C)."""
+    import signal
+
+    class Noting(trainer_class):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller):  # called by fit() on the main thread
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def noted(signum, frame):
+                self.interrupted = True
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, noted)
+
+    Noting.__name__ = Noting.__qualname__ = trainer_class.__name__
+    return Noting
+
+
+def fit(trainer):
+    """trainer.fit(); after a Ctrl-C, KeyboardInterrupt, whatever Ray Train made of it (main() then says what was
+    kept and exits with EXIT_INTERRUPTED)."""
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if getattr(trainer, "interrupted", False):
+            raise KeyboardInterrupt from None
+        raise
+    if getattr(trainer, "interrupted", False):
+        raise KeyboardInterrupt
+    return result
 
 
 def report_interrupt(run: Optional[RunConfig], overrides: Sequence[str] = ()) -> int:

@@ -303,6 +303,44 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
         f"python -m orchestrator trainer.max_steps=8 logger.mode=disabled resume={storage / 'checkpoint_4'}"]
 
 
+def test_ctrl_c_inside_ray_trains_fit_is_a_keyboard_interrupt():
+    """Ray Train's fit() installs its own SIGINT handler, which aborts the workers and raises SystemExit(0): the run
+    would have ended with exit code 0. launch/local.py notes the signal and raises KeyboardInterrupt instead."""
+    import signal
+
+    from launch.local import fit, interrupt_noting
+
+    class LikeRayTrain:  # what TorchTrainer.fit does with SIGINT (ray/train/v2/api/data_parallel_trainer.py)
+        def _register_sigint_handler(self, controller):
+            signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(0))
+
+        def fit(self):
+            self._register_sigint_handler(None)
+            signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C while training
+            return "finished"
+
+    class Finishes(LikeRayTrain):
+        def fit(self):
+            self._register_sigint_handler(None)
+            return "finished"
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(interrupt_noting(LikeRayTrain)())
+        assert fit(interrupt_noting(Finishes)()) == "finished"
+        with pytest.raises(SystemExit):  # a SystemExit without a Ctrl-C is not turned into one
+            fit(type("Exits", (), {"fit": lambda self: sys.exit(3)})())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ray_train_still_registers_its_sigint_handler_where_we_hook_in():
+    from ray.train.torch import TorchTrainer
+
+    assert callable(getattr(TorchTrainer, "_register_sigint_handler", None))
+
+
 def test_ctrl_c_before_any_checkpoint(tmp_path, monkeypatch, capsys):
     import launch.local
     import orchestrator.preflight
