@@ -10,7 +10,7 @@ fi
 # (re)install when the venv lacks the packages or pyproject.toml changed since the last install
 STAMP=".venv/.pyproject.sha256"
 if [ "$(sha256sum pyproject.toml)" != "$(cat "$STAMP" 2>/dev/null)" ] || \
-   ! python -c "import orchestrator, torch, deepspeed, ray, pytest" 2>/dev/null; then
+   ! python -c "import orchestrator, torch, deepspeed, ray, pytest" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q "torch>=2.4,<2.15"
