@@ -21,7 +21,6 @@ import re
 import shlex
 import sys
 import time
-from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -31,9 +30,10 @@ import yaml
 from launch.sweep_summary import override_key
 from orchestrator.config import KubeConfig, RunConfig
 from orchestrator.errors import UserError
+from orchestrator.package_files import package_dir
 from orchestrator.plan import ClusterResources, Plan
 
-K8S_DIR = Path(str(resources.files("orchestrator.k8s")))  # k8s/ of the checkout, shipped in the package
+K8S_DIR = package_dir("k8s")  # k8s/ of the checkout, shipped in the package as orchestrator.k8s
 BASE = K8S_DIR / "base" / "rayjob.yaml"
 MAX_NAME = 47  # KubeRay: the RayCluster's name is the RayJob's + 6 characters, within 53
 HEAD, WORKER = "ray-head", "ray-worker"  # container names in the base

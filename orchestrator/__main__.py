@@ -24,6 +24,7 @@ from orchestrator import console
 from orchestrator.config import Launcher, RunConfig, config_dict, register_schema, to_run_config
 from orchestrator.errors import UserError, report_user_error
 from orchestrator.model_card import write_model_card
+from orchestrator.package_files import hydra_config_path
 from orchestrator.plots import save_run_plots
 from orchestrator.preflight import (
     DataCheck,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 register_schema()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://orchestrator.hydra_conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=hydra_config_path(), config_name="config")
 def main(cfg: DictConfig) -> None:
     run = None
     try:

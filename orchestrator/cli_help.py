@@ -8,9 +8,10 @@ from __future__ import annotations
 import inspect
 import re
 import textwrap
-from importlib import resources
 from pathlib import Path
 from typing import List, Tuple
+
+from orchestrator.package_files import package_dir
 
 WIDTH = 100
 # the keys most runs set, one line each; every one is checked against the schema (tests/unit/test_cli_help.py)
@@ -47,7 +48,7 @@ GROUPS = [  # config group, its heading, how it is chosen on the command line
 
 def config_options(group: str) -> List[Tuple[str, str]]:
     """(option, its file's first sentence) for every <group>/<option>.yaml of the installed configs."""
-    directory = resources.files("orchestrator.hydra_conf").joinpath(group)
+    directory = package_dir("hydra_conf") / group
     if not directory.is_dir():
         return []
     return sorted((entry.name[:-len(".yaml")], first_sentence(entry.read_text(encoding="utf-8")))

@@ -142,3 +142,29 @@ def test_a_rayjob_dry_run_renders_from_the_installed_templates(from_wheel, tmp_p
     manifest = yaml.safe_load(result.stdout)
     assert manifest["kind"] == "RayJob"
     assert manifest == yaml.safe_load((run_dir / "rayjob.yaml").read_text())
+
+
+def test_a_source_tree_without_the_package_mapping_reads_its_configs_beside_the_package(source, tmp_path):
+    """`python -m orchestrator` at the root of a clone whose orchestrator is installed elsewhere (or not at all):
+    orchestrator/ comes from the clone, which has no orchestrator/hydra_conf; its hydra_conf/ and k8s/ beside it
+    are used (orchestrator/package_files.py). The venv's editable finder, which would map them, is taken out."""
+    clone = tmp_path / "clone"
+    shutil.copytree(source, clone)
+    (clone / "hydra_conf" / "experiment" / f"{MARKER}.yaml").write_text(
+        f"# @package _global_\n# Only in the clone.\nname: {MARKER}\n", encoding="utf-8")
+    runner = ("import runpy, sys\n"
+              "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+              "sys.argv = ['orchestrator', *sys.argv[1:]]\n"
+              "import orchestrator, orchestrator.package_files as files\n"
+              "assert orchestrator.__file__.startswith(sys.path[0] or '.') or 'clone' in orchestrator.__file__\n"
+              "print('package:', orchestrator.__file__, files.shipped('hydra_conf'), flush=True)\n"
+              "runpy.run_module('orchestrator', run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    helped = sh([sys.executable, "-c", runner, "--help"], cwd=clone, env=env).stdout
+    assert f"package: {clone / 'orchestrator' / '__init__.py'} False" in helped
+    assert re.search(rf"\n  {MARKER} +Only in the clone\.\n", helped)
+    job = tmp_path / "job"
+    result = sh([sys.executable, "-c", runner, f"+experiment={MARKER}", "launcher=rayjob", "dry_run=true", *SIZED,
+                 f"hydra.run.dir={job}"], cwd=clone, env=env)
+    assert yaml.safe_load(result.stdout.split("\n", 1)[1])["kind"] == "RayJob"
+    assert (job / "rayjob.yaml").is_file()
