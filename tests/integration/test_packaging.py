@@ -168,3 +168,18 @@ def test_a_source_tree_without_the_package_mapping_reads_its_configs_beside_the_
                  f"hydra.run.dir={job}"], cwd=clone, env=env)
     assert yaml.safe_load(result.stdout.split("\n", 1)[1])["kind"] == "RayJob"
     assert (job / "rayjob.yaml").is_file()
+
+
+def test_the_image_copies_every_directory_the_package_is_built_from():
+    """k8s/Dockerfile installs the package from the directories it copies: each one pyproject.toml builds from
+    (a package's top directory, or a mapped one: hydra_conf, k8s) must be copied, or the build fails."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools.get("package-dir", {})
+    needed = {mapped.get(p, p.split(".")[0]).split("/")[0] for p in setuptools["packages"]
+              if p in mapped or not any(p.startswith(f"{m}.") for m in mapped)}
+    copied = set(re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", (ROOT / "k8s" / "Dockerfile").read_text(), re.M))
+    sources = {name for line in copied for name in line.split()}
+    assert needed == {"orchestrator", "launch", "hydra_plugins", "hydra_conf", "k8s"}
+    assert needed <= sources, f"k8s/Dockerfile does not copy {sorted(needed - sources)}"
