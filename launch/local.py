@@ -100,10 +100,12 @@ def run_training(run: RunConfig, plan: Plan):
     from orchestrator.logs import link_ray_logs
     from orchestrator.progress import ProgressView, start_feed
     from orchestrator.restarts import FaultDrill
+    from orchestrator.run_identity import claim_run, ray_run_name
     from orchestrator.train_loop import WorkerInput, train_loop
 
     feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
-    worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir))
+    run_id = claim_run(run)  # this run's own place in the storage, and <run_dir>/run.json
+    worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir), run_id=run_id)
     loop_config = {"worker": worker}
     trainer = interrupt_noting(TorchTrainer)(
         train_loop,
@@ -111,7 +113,7 @@ def run_training(run: RunConfig, plan: Plan):
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=run.name, storage_path=storage_root(run),
+            name=ray_run_name(run, run_id), storage_path=storage_root(run),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.trainer.keep_checkpoints),
             # a failed worker (crash, lost node, killed process): restart them all from the last checkpoint
             failure_config=ray.train.FailureConfig(max_failures=run.trainer.max_failures),

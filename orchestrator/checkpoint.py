@@ -79,9 +79,11 @@ def _verified_checksum(file: str) -> str:
 
 
 def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Dict[str, Any],
-                    export: Optional[tuple] = None) -> None:
+                    export: Optional[tuple] = None, identity: Optional[Dict[str, Any]] = None) -> None:
     """Collective: all ranks call it. `client_state` (step, history) travels with rank 0's shard.
-    `export=(model, tokenizer, strategy, peft config)` adds the consolidated Hugging Face model."""
+    `export=(model, tokenizer, strategy, peft config)` adds the consolidated Hugging Face model.
+    `identity` (run id, strategy, learning-rate schedule: Recipe.identity) goes into every rank's marker, where the
+    driver reads it without loading a shard (check_resume_matches) and a restart tells its own run's checkpoints."""
     rank, world_size = engine.global_rank, _world_size()
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG,
@@ -98,7 +100,7 @@ def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Di
         checksums = {name: file_checksum(file) for name, file in paths.items()}
         os.makedirs(os.path.join(directory, MARKER_DIR))
         with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
-            json.dump({"step": step, "world_size": world_size, "rank": rank, "files": files,
+            json.dump({**(identity or {}), "step": step, "world_size": world_size, "rank": rank, "files": files,
                        CHECKSUM: checksums}, handle)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -188,7 +190,7 @@ def restore(engine, directory: Optional[str]) -> Dict[str, Any]:
 # --- finding a checkpoint to resume from ---------------------------------------------------------------
 
 def storage_root(run) -> str:
-    """Where Ray Train writes a run's checkpoints: <root>/<run name>/checkpoint_*."""
+    """Where Ray Train writes the runs' checkpoints: <root>/<name>/<run id>/checkpoint_* (run_identity.run_storage)."""
     return run.cluster.storage_path or os.path.join(run.run_dir, "checkpoints")
 
 
@@ -209,9 +211,9 @@ def checkpoint_info(path: str) -> Optional[CheckpointInfo]:
 def check_checkpoint(path: str, verify: bool = True) -> Tuple[Optional[CheckpointInfo], str]:
     """(the checkpoint, "") if complete and (with verify) every file matches its rank's checksum, else
     (None, why not). Markers without checksums (written before they were added) are checked by size only."""
-    info, markers = _complete(path)
+    info, markers, why = _complete(path)
     if info is None:
-        return None, INCOMPLETE
+        return None, why
     if verify:
         corrupted = _corrupted_file(path, markers)
         if corrupted:
@@ -219,25 +221,63 @@ def check_checkpoint(path: str, verify: bool = True) -> Tuple[Optional[Checkpoin
     return info, ""
 
 
-def _complete(path: str) -> Tuple[Optional[CheckpointInfo], List[Dict[str, Any]]]:
-    """Every rank's marker there, for one step, and every file they list at its size: the checkpoint and the markers."""
-    markers = sorted(glob.glob(os.path.join(path, MARKER_DIR, "rank_*.json")))
-    if not markers:
-        return None, []
-    try:
-        contents = [json.loads(Path(marker).read_text(encoding="utf-8")) for marker in markers]
-    except (OSError, ValueError):
-        return None, []
+def _complete(path: str) -> Tuple[Optional[CheckpointInfo], List[Dict[str, Any]], str]:
+    """Every rank's marker there, for one step, and every file they list at its size: (the checkpoint, the markers,
+    "") or (None, [], why not). A marker that is not what save_and_report writes is a reason, not a traceback."""
+    contents, why = read_markers(path)
+    if why:
+        return None, [], why
     world_size, step = contents[0]["world_size"], contents[0]["step"]
     ranks = {c["rank"] for c in contents}
     if ranks != set(range(world_size)) or any(c["step"] != step for c in contents):
-        return None, []
+        return None, [], INCOMPLETE
     for content in contents:
         for name, size in content["files"].items():
             file = os.path.join(path, name)
             if not os.path.isfile(file) or os.path.getsize(file) != size:
-                return None, []
-    return CheckpointInfo(path, step), contents
+                return None, [], INCOMPLETE
+    return CheckpointInfo(path, step), contents, ""
+
+
+def read_markers(path: str) -> Tuple[List[Dict[str, Any]], str]:
+    """Every rank's marker of a checkpoint, parsed and checked for the keys save_and_report writes: (markers, "") or
+    ([], why not): none there yet (INCOMPLETE), or one that cannot be read, is not JSON or lacks a key."""
+    files = sorted(glob.glob(os.path.join(path, MARKER_DIR, "rank_*.json")))
+    if not files:
+        return [], INCOMPLETE
+    contents = []
+    for file in files:
+        try:
+            content = json.loads(Path(file).read_text(encoding="utf-8"))
+        except OSError as err:
+            return [], f"its marker {file} cannot be read ({err.strerror or err})"
+        except ValueError:
+            return [], f"its marker {file} is not valid JSON (cut short, or changed since it was written)"
+        problem = _malformed(content)
+        if problem:
+            return [], f"its marker {file} is malformed ({problem})"
+        contents.append(content)
+    return contents, ""
+
+
+def _malformed(content: Any) -> str:
+    """What is wrong with a parsed marker, or "" if it has the shape save_and_report writes."""
+    if not isinstance(content, dict):
+        return f"a JSON {type(content).__name__}, not an object"
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for key in ("step", "world_size", "rank"):
+        if not integer(content.get(key)):
+            return f"{key}: expected an integer >= 0, found {content.get(key)!r}"
+    files = content.get("files")
+    if not isinstance(files, dict) or not all(isinstance(n, str) and integer(v) for n, v in files.items()):
+        return "files: expected an object of file name -> size in bytes"
+    checksums = content.get(CHECKSUM, {})
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        return f"{CHECKSUM}: expected an object of file name -> checksum"
+    return ""
 
 
 def _corrupted_file(path: str, markers: List[Dict[str, Any]]) -> str:
@@ -264,9 +304,10 @@ def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInf
     for path in sorted(paths):
         if not os.path.isdir(path) or metrics_only(path):
             continue
-        info, _ = check_checkpoint(path, verify=False)
+        info, why = check_checkpoint(path, verify=False)
         if info is None:
-            warnings.warn(f"skipping incomplete checkpoint {path} ({INCOMPLETE})", stacklevel=2)
+            warnings.warn(f"skipping incomplete checkpoint {path} ({why})" if why == INCOMPLETE else
+                          f"skipping corrupted checkpoint {path}: {why}", stacklevel=2)
             continue
         found.append(info)
     for info in sorted(found, key=lambda info: (info.step, os.path.getmtime(info.path)), reverse=True):
@@ -301,3 +342,37 @@ def resolve_resume(resume: Optional[str], run_dir: str, storage_root: str) -> Op
     if info is None:
         raise UserError(f"resume={resume} holds no complete checkpoint")
     return info
+
+
+def check_resume_matches(run, plan) -> None:
+    """On the driver, before any worker starts: a checkpoint continues only on the same number of workers, with the
+    same strategy and the same learning-rate schedule as it was written with (its markers say which; markers written
+    before they did are not checked). Anything else is a UserError saying what to do."""
+    from orchestrator.optimization import schedule_of
+
+    if not run.resume:
+        return
+    markers, _ = read_markers(run.resume)
+    if not markers:
+        return
+    saved = markers[0]
+    where = f"resume={run.resume}"
+    if saved["world_size"] != plan.num_workers:
+        how = (f"{saved['world_size']} GPUs in all (cluster.gpus, cluster.nodes)" if plan.use_gpu else
+               f"cluster.cpu_workers={saved['world_size']}")
+        raise UserError(f"{where} was saved by {saved['world_size']} worker(s) and this run plans "
+                        f"{plan.num_workers}: each worker's ZeRO shard resumes on its own rank, so resume on {how}; "
+                        "resuming on another number of workers (elastic resume) is not supported")
+    if saved.get("strategy") not in (None, Strategy(plan.strategy).value):
+        raise UserError(f"{where} was trained with strategy={saved['strategy']} and this run plans "
+                        f"strategy={Strategy(plan.strategy).value}: resume with strategy={saved['strategy']}, or "
+                        "start a new run with the other strategy")
+    wanted = schedule_of(run, plan.max_steps)
+    if saved.get("schedule") not in (None, wanted):
+        was = saved["schedule"]
+        changed = ", ".join(f"{key} {was.get(key)} -> {wanted[key]}" for key in wanted if was.get(key) != wanted[key])
+        raise UserError(f"{where}: this run's learning-rate schedule differs from the one the checkpoint was trained "
+                        f"with ({changed}), and a resumed run keeps the schedule it started with: resume with "
+                        f"trainer.max_steps={was.get('total_steps')} and the same optim.lr, optim.warmup_ratio and "
+                        "optim.schedule; to train longer, start a new run from a finished run's export "
+                        "(model.path=<run_dir>/export)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -28,7 +28,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, total_steps
     steps (default trainer.max_steps)."""
     from transformers import get_scheduler
 
-    total_steps = total_steps or run.trainer.max_steps
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[run.optim.schedule.value]
-    return get_scheduler(name, optimizer, num_warmup_steps=int(run.optim.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    shape = schedule_of(run, total_steps or run.trainer.max_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[shape["schedule"]]
+    return get_scheduler(name, optimizer, num_warmup_steps=shape["warmup_steps"],
+                         num_training_steps=shape["total_steps"])
+
+
+def schedule_of(run: RunConfig, total_steps: int) -> Dict[str, Any]:
+    """The learning-rate schedule as plain data: what make_scheduler builds, and what a checkpoint's markers record
+    so that the driver can tell whether a resumed run asks for the same one (checkpoint.check_resume_matches)."""
+    return {"schedule": run.optim.schedule.value, "lr": run.optim.lr,
+            "warmup_steps": int(run.optim.warmup_ratio * total_steps), "total_steps": total_steps}

@@ -96,6 +96,10 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     if plan.strategy.uses_adapters:
         check_adapter_targets(run.model, model_config, run.peft.target_modules)
     plan_recipe(run, plan, train_rows, apply=runs_here)
+    if runs_here:
+        from orchestrator.checkpoint import check_resume_matches
+
+        check_resume_matches(run, plan)  # the checkpoint's workers, strategy and schedule
     if report:
         print(describe(plan, planned_for.gpu_memory_gb), flush=True)
         plan.save(run.run_dir)
@@ -172,10 +176,12 @@ def check_encoded(run: RunConfig, raw) -> int:
 
 def resume_from(run: RunConfig) -> None:
     """resume=auto / a run directory → the checkpoint directory itself (complete ones only)."""
-    from orchestrator.checkpoint import resolve_resume, storage_root
+    from orchestrator.checkpoint import resolve_resume
+    from orchestrator.run_identity import check_run_dir, run_storage
 
+    check_run_dir(run)  # another run's directory is continued only when resume= asks for it
     requested = run.resume
-    info = resolve_resume(requested, run.run_dir, storage_root(run))
+    info = resolve_resume(requested, run.run_dir, run_storage(run, None))  # this experiment's runs only
     run.resume = info.path if info else None
     if info:
         console.note(f"resume: from step {info.step}, {info.path}")

@@ -39,7 +39,7 @@ from orchestrator.logs import redirect_worker_output
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import forgetting_metrics, prefixed, validation_metrics
 from orchestrator.model import build_model, load_tokenizer, read_model_config
-from orchestrator.optimization import make_optimizer, make_scheduler
+from orchestrator.optimization import make_optimizer, make_scheduler, schedule_of
 from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressSender, forward_own_warnings
@@ -58,6 +58,7 @@ class WorkerInput:
     plan: Plan
     feed: Any = None  # the driver's ProgressFeed (orchestrator/progress.py): rank 0's progress, notes and warnings
     fault: Optional[FaultDrill] = None  # ORCHESTRATOR_KILL_WORKER, for failure drills
+    run_id: Optional[str] = None  # run_identity.claim_run: a restart continues only this run's checkpoints
 
 
 def train_loop(config: Dict[str, WorkerInput]) -> None:
@@ -160,12 +161,14 @@ class Recipe:
     def restore(self) -> None:
         """After a worker failure: the newest complete checkpoint of this run; else resume= (driver-resolved)."""
         run = self.run_config
-        checkpoint = restart_checkpoint(run)
+        checkpoint = restart_checkpoint(run, self.worker.run_id)
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(run.resume) as directory:
             saved = restore(self.engine, directory)
         self.state = TrainState.from_history(saved.get("step", 0), saved.get("history") or {})
         self.progress = Progress(os.path.join(run.run_dir, "progress.json"), enabled=self.rank == 0)
-        if checkpoint is not None:  # a restart inside this run: the steps since that checkpoint run again
+        # a restart inside this run (the driver removed any older progress file: run_identity.claim_run): the steps
+        # since that checkpoint, or since the start, run again
+        if checkpoint is not None or self.progress.last_step():
             self.state.count_restart(self.progress.last_step())
         self.tracker = Tracker(run.logger, self.rank == 0, run.name, run.run_dir, self.total_steps,
                                config_dict(run), self.sender, self.plan.steps_per_epoch,
@@ -188,6 +191,9 @@ class Recipe:
 
     def train(self) -> None:
         trainer, state, plan = self.run_config.trainer, self.state, self.plan
+        # transformers' from_pretrained returns the model in eval mode: without this, the model's dropout (and
+        # peft.dropout) would be off while training; evaluations switch to eval and back (metrics.evaluate)
+        self.engine.train()
         if state.step == 0:
             with self.timer("eval_before"):  # inside "command to first step", so timed apart from later evaluations
                 state.notes.update(prefixed("eval_before", self.validate()))
@@ -320,7 +326,13 @@ class Recipe:
         """Collective: every rank writes its shard; the final one adds the consolidated Hugging Face export."""
         export = (self.model, self.tokenizer, self.plan.strategy, self.run_config.peft) if final else None
         save_and_report(self.engine, self.state.step, {"step": self.state.step, **metrics},
-                        {"history": self.state.to_history()}, export=export)
+                        {"history": self.state.to_history()}, export=export, identity=self.identity())
+
+    def identity(self) -> Dict[str, Any]:
+        """What each rank's marker records beside its files: which run wrote it, and with what strategy and
+        learning-rate schedule (the driver checks a resumed run against them: checkpoint.check_resume_matches)."""
+        return {"run_id": self.worker.run_id, "strategy": self.plan.strategy.value,
+                "schedule": schedule_of(self.run_config, self.total_steps)}
 
     def finish(self) -> None:
         """The final evaluation chooses the exported weights; the export is written right after it, so that the

@@ -49,7 +49,7 @@ def test_export_loads_and_reproduces_the_trained_weights(demo):
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert exported.config.id2label[0] == "Arbitration"
 
-    checkpoints = sorted(Path(run_dir, "checkpoints").glob("*/checkpoint_*/deepspeed"))
+    checkpoints = sorted(Path(run_dir, "checkpoints").glob("*/*/checkpoint_*/deepspeed"))
     assert checkpoints, "the final sharded checkpoint is kept"
     trained_state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[-1]), tag="zero")
     trained = AutoModelForSequenceClassification.from_pretrained(export).eval()
