@@ -130,7 +130,7 @@ class BenchRecipe:
                 self.lengths = [seq] * len(rows)
                 self.schedule = GlobalBatchSchedule(len(rows), self.plan.global_batch_size, 0)
 
-        return Bench(WorkerInput(run=run, plan=plan, progress_bar=False))
+        return Bench(WorkerInput(run=run, plan=plan))
 
 
 class _RandomRows:

@@ -106,7 +106,7 @@ def run_training(run: RunConfig, plan: Plan):
     feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
     run_id = claim_run(run)  # this run's own place in the storage, and <run_dir>/run.json
     worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir), run_id=run_id)
-    loop_config = {"worker": worker}
+    loop_config = {"worker": ray.put(worker)}  # by reference: only the workers unpickle it (train_loop.train_loop)
     trainer = interrupt_noting(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,

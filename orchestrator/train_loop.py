@@ -61,9 +61,12 @@ class WorkerInput:
     run_id: Optional[str] = None  # run_identity.claim_run: a restart continues only this run's checkpoints
 
 
-def train_loop(config: Dict[str, WorkerInput]) -> None:
-    """Ray Train's entry point on every worker (TorchTrainer's train_loop_config is {"worker": WorkerInput})."""
-    Recipe(config["worker"]).run()
+def train_loop(config: Dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker. TorchTrainer's train_loop_config is {"worker": WorkerInput}, or a
+    reference to it in Ray's object store: the Train controller then unpickles no config of ours, and imports none
+    of torch, DeepSpeed and transformers for it (2-4 s before the workers start, on the CPU demo)."""
+    worker = config["worker"]
+    Recipe(ray.get(worker) if isinstance(worker, ray.ObjectRef) else worker).run()
 
 
 class Recipe:
