@@ -64,7 +64,7 @@ class WorkerInput:
 def train_loop(config: Dict[str, Any]) -> None:
     """Ray Train's entry point on every worker. TorchTrainer's train_loop_config is {"worker": WorkerInput}, or a
     reference to it in Ray's object store: the Train controller then unpickles no config of ours, and imports none
-    of torch, DeepSpeed and transformers for it (2-4 s before the workers start, on the CPU demo)."""
+    of torch, DeepSpeed and transformers for it (1.9-3.5 s of a core on the CPU demo, bench/RESULTS.md)."""
     worker = config["worker"]
     Recipe(ray.get(worker) if isinstance(worker, ray.ObjectRef) else worker).run()
 
