@@ -40,6 +40,7 @@ def score(export: Path, rows: Path) -> dict:
 
 
 def main() -> None:
+    global DATA  # --data moves it (the GPU machine has its own copy of the rows)
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=None, help="trainer.seed (default: the schema's)")
     parser.add_argument("--label", default="default")
@@ -49,7 +50,6 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="the folder of train.jsonl and validation.jsonl")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
-    global DATA
     DATA = Path(args.data).resolve()
     if args.sweep:
         return tuner(args, extra)

@@ -18,6 +18,7 @@ Options compared (several seeds each):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -41,7 +42,11 @@ from orchestrator.model import BUNDLED_MINILM, resolve_model_path  # noqa: E402
 
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 
-# name: (weighting, balanced sampling, lr, epochs, schedule, warmup ratio, grad clip)
+# name: (weighting, balanced sampling, lr, epochs, schedule, warmup ratio, grad clip[, LoRA])
+# LoRA: {"rank", "alpha", "targets" (None: peft's table for BERT: query, value), "bf16"} through the product's
+# orchestrator.adapters.apply_adapter; "bf16" loads the frozen base in bf16 and runs under bf16 autocast, as the
+# planner's one-GPU LoRA plan does (plain_engine.PlainEngine).
+LORA_ALL = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 VARIANTS = {
     "sqrt, lr 1e-4 const, 4 ep": ("sqrt", False, 1e-4, 4, "constant", 0.0, 0.0),
     "none, lr 1e-4 const, 4 ep": ("none", False, 1e-4, 4, "constant", 0.0, 0.0),
@@ -60,6 +65,18 @@ VARIANTS = {
     "balanced, lr 5e-5 linear w0.1 clip1, 4 ep": ("balanced", False, 5e-5, 4, "linear", 0.1, 1.0),
     "balanced, lr 1e-4 linear w0.1 clip1, 5 ep": ("balanced", False, 1e-4, 5, "linear", 0.1, 1.0),
     "balanced, lr 1e-4 linear w0.1 clip1, 6 ep": ("balanced", False, 1e-4, 6, "linear", 0.1, 1.0),
+    "lora r16 qv bf16, lr 5e-4, 5 ep": ("balanced", False, 5e-4, 5, "linear", 0.1, 1.0,
+                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": True}),
+    "lora r16 qv fp32, lr 5e-4, 5 ep": ("balanced", False, 5e-4, 5, "linear", 0.1, 1.0,
+                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": False}),
+    "lora r16 qv fp32, lr 2e-3, 5 ep": ("balanced", False, 2e-3, 5, "linear", 0.1, 1.0,
+                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": False}),
+    "lora r16 all fp32, lr 1e-3, 5 ep": ("balanced", False, 1e-3, 5, "linear", 0.1, 1.0,
+                                         {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": False}),
+    "lora r16 all bf16, lr 1e-3, 5 ep": ("balanced", False, 1e-3, 5, "linear", 0.1, 1.0,
+                                         {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": True}),
+    "lora r16 all fp32, lr 2e-3, 10 ep": ("balanced", False, 2e-3, 10, "linear", 0.1, 1.0,
+                                          {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": False}),
 }
 
 
@@ -78,8 +95,11 @@ def stratified_carve_out(golds: list, fraction: float, seed: int) -> tuple:
 @torch.no_grad()
 def logits_of(model, tokenizer, texts, max_length, device) -> torch.Tensor:
     model.eval()
-    out = [model(**encode(tokenizer, texts[s: s + 64], max_length, device)).logits.float().cpu()
-           for s in range(0, len(texts), 64)]
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if next(model.parameters()).dtype == torch.bfloat16
+                else contextlib.nullcontext())
+    with autocast:
+        out = [model(**encode(tokenizer, texts[s: s + 64], max_length, device)).logits.float().cpu()
+               for s in range(0, len(texts), 64)]
     model.train()
     return torch.cat(out)
 
@@ -89,7 +109,10 @@ def macro_f1(golds, logits) -> float:
 
 
 def train_variant(spec, seed, rows, eval_rows, labels, args, device) -> dict:
-    weighting, sampling, lr, epochs, schedule, warmup, clip = spec
+    weighting, sampling, lr, epochs, schedule, warmup, clip = spec[:7]
+    lora = spec[7] if len(spec) > 7 else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if lora and lora["bf16"]
+                else contextlib.nullcontext())
     texts, golds = [t for t, _ in rows], [labels.index(lb) for _, lb in rows]
     train_idx, held_idx = stratified_carve_out(golds, 0.1, seed)
     k = len(labels)
@@ -101,10 +124,17 @@ def train_variant(spec, seed, rows, eval_rows, labels, args, device) -> dict:
     seed_everything(seed)
     model_dir = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=k, dtype=torch.float32,
+    dtype = torch.bfloat16 if lora and lora["bf16"] else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=k, dtype=dtype,
                                                                use_safetensors=True).to(device)
+    if lora:
+        from orchestrator.adapters import apply_adapter
+        from orchestrator.config import PeftConfig, Strategy, Task
+
+        model = apply_adapter(model, Strategy.lora, PeftConfig(rank=lora["rank"], alpha=lora["alpha"],
+                                                               target_modules=lora["targets"]), Task.classification)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = steps_per_epoch * epochs
     warm = int(warmup * total)
@@ -128,7 +158,8 @@ def train_variant(spec, seed, rows, eval_rows, labels, args, device) -> dict:
             order = [train_idx[i] for i in torch.randperm(n, generator=generator).tolist()]
         for s in range(0, n, args.batch_size):
             index = order[s: s + args.batch_size]
-            logits = model(**encode(tokenizer, [texts[i] for i in index], args.max_length, device)).logits
+            with autocast:
+                logits = model(**encode(tokenizer, [texts[i] for i in index], args.max_length, device)).logits.float()
             target = torch.tensor([golds[i] for i in index], device=device)
             loss = F.cross_entropy(logits, target, weight=weights.to(device) if weights is not None else None)
             optimizer.zero_grad(set_to_none=True)
@@ -150,6 +181,9 @@ def train_variant(spec, seed, rows, eval_rows, labels, args, device) -> dict:
         out[f"{selection}+adjust"] = macro_f1(eval_golds, eval_logits - tau * log_prior)
         out[f"{selection}+adjust tau"] = tau
     out["best epoch"] = best_epoch + 1
+    # the carve-out's own figures: what a variant is chosen by (validation.jsonl only reports)
+    out["carve_out last"] = macro_f1(held_golds, per_epoch[-1][0])
+    out["carve_out best"] = macro_f1(held_golds, per_epoch[best_epoch][0])
     return out
 
 
