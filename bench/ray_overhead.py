@@ -206,7 +206,7 @@ def run_steps(rank: int, world: int, device_name: str, opts: Dict[str, Any]) -> 
         "model_tflops_per_gpu": tokens_per_gpu / step_s * flops_per_token / 1e12,
         "n_params": n_params, "flops_per_token": flops_per_token, "tokens_per_step_per_gpu": tokens_per_gpu,
         "median_step_s": statistics.median(host_step_s[warmup:]), "host_step_s": host_step_s,
-        "final_loss_per_token": losses[-1] if losses else None,
+        "final_loss_per_token": losses[-1] if losses else None, "losses": losses, "vocab_size": config.vocab_size,
         "marks": marks, "matmul_peak_tflops": peak_tflops,
     }
     if use_gpu:
