@@ -47,6 +47,14 @@ TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 # orchestrator.adapters.apply_adapter; "bf16" loads the frozen base in bf16 and runs under bf16 autocast, as the
 # planner's one-GPU LoRA plan does (plain_engine.PlainEngine).
 LORA_ALL = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def _lora(lr: float, epochs: int, targets, bf16: bool) -> tuple:
+    """A LoRA r16 (alpha 32) variant with balanced weights, warmup 0.1 + linear decay and clipping at 1."""
+    return ("balanced", False, lr, epochs, "linear", 0.1, 1.0,
+            {"rank": 16, "alpha": 32, "targets": targets, "bf16": bf16})
+
+
 VARIANTS = {
     "sqrt, lr 1e-4 const, 4 ep": ("sqrt", False, 1e-4, 4, "constant", 0.0, 0.0),
     "none, lr 1e-4 const, 4 ep": ("none", False, 1e-4, 4, "constant", 0.0, 0.0),
@@ -65,19 +73,12 @@ VARIANTS = {
     "balanced, lr 5e-5 linear w0.1 clip1, 4 ep": ("balanced", False, 5e-5, 4, "linear", 0.1, 1.0),
     "balanced, lr 1e-4 linear w0.1 clip1, 5 ep": ("balanced", False, 1e-4, 5, "linear", 0.1, 1.0),
     "balanced, lr 1e-4 linear w0.1 clip1, 6 ep": ("balanced", False, 1e-4, 6, "linear", 0.1, 1.0),
-    "lora r16 qv bf16, lr 5e-4, 5 ep": ("balanced", False, 5e-4, 5, "linear", 0.1, 1.0,
-                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": True}),
-    "lora r16 qv fp32, lr 5e-4, 5 ep": ("balanced", False, 5e-4, 5, "linear", 0.1, 1.0,
-                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": False}),
-    "lora r16 qv fp32, lr 2e-3, 5 ep": ("balanced", False, 2e-3, 5, "linear", 0.1, 1.0,
-                                        {"rank": 16, "alpha": 32, "targets": None, "bf16": False}),
-    "lora r16 all fp32, lr 1e-3, 5 ep": ("balanced", False, 1e-3, 5, "linear", 0.1, 1.0,
-                                         {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": False}),
-    "lora r16 all bf16, lr 1e-3, 5 ep": ("balanced", False, 1e-3, 5, "linear", 0.1, 1.0,
-                                         {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": True}),
-    "lora r16 all fp32, lr 2e-3, 10 ep": ("balanced", False, 2e-3, 10, "linear", 0.1, 1.0,
-                                          {"rank": 16, "alpha": 32, "targets": LORA_ALL, "bf16": False}),
 }
+for _lr, _epochs, _targets, _bf16 in [(5e-4, 5, None, True), (5e-4, 5, None, False), (2e-3, 5, None, False),
+                                      (1e-3, 5, LORA_ALL, False), (1e-3, 5, LORA_ALL, True),
+                                      (2e-3, 10, LORA_ALL, False), (2e-3, 5, None, True), (4e-3, 5, None, True)]:
+    VARIANTS[f"lora r16 {'all' if _targets else 'qv'} {'bf16' if _bf16 else 'fp32'}, lr {_lr:g}, {_epochs} ep"] = \
+        _lora(_lr, _epochs, _targets, _bf16)
 
 
 def stratified_carve_out(golds: list, fraction: float, seed: int) -> tuple:
