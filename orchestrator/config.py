@@ -259,7 +259,7 @@ class LoggerConfig:
     project: str = "orchestrator"
     entity: Optional[str] = None
     group: Optional[str] = None  # W&B group (sweeps share one)
-    progress: bool = True  # console progress bar on rank 0
+    progress: bool = True  # rank 0's progress on the driver's console: a bar in a terminal, else a line every 30 s
 
 
 @dataclass
