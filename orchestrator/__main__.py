@@ -1,4 +1,5 @@
 """`python -m orchestrator [+experiment=NAME] [key=value ...]`: compose, validate, plan, launch.
+(`orchestrator train run.yaml`, init, export, chat, predict: orchestrator/cli.py.)
 
 Mistakes a user can make (config, data, model path, resources) end the run before anything starts,
 with one line on stderr that names the key or file, and exit code 2.
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from orchestrator import console
+from orchestrator.cli import route
 from orchestrator.config import Launcher, RunConfig, config_dict, register_schema, to_run_config
 from orchestrator.errors import UserError, report_user_error
 from orchestrator.model_card import write_model_card
@@ -31,6 +33,7 @@ from orchestrator.preflight import (
     preflight,
     resume_from,  # noqa: F401 - moved to preflight; importable from here as before
 )
+from orchestrator.runfile import locate
 
 if TYPE_CHECKING:
     from orchestrator.plan import ClusterResources
@@ -46,7 +49,7 @@ def main(cfg: DictConfig) -> None:
         run.run_dir = HydraConfig.get().runtime.output_dir
         execute(run, overrides=list(HydraConfig.get().overrides.task))
     except UserError as err:  # exit here: past this point Hydra prints its own line about the job
-        sys.exit(report_user_error(str(err)))
+        sys.exit(report_user_error(locate(str(err))))
     except KeyboardInterrupt:  # Ctrl-C: what was kept and how to resume, exit code 130
         from launch.local import report_interrupt
 
@@ -130,6 +133,10 @@ def allowed_keys(full_key: str) -> List[str]:
 
 
 def cli() -> None:
+    try:  # subcommands (init, export, chat, predict) run and exit there; a run file becomes overrides (cli.py)
+        sys.argv[1:] = route(sys.argv[1:])
+    except UserError as err:
+        sys.exit(report_user_error(str(err)))
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):  # ours (orchestrator/cli_help.py); Hydra's: --hydra-help
         from orchestrator.cli_help import help_text
 
@@ -139,9 +146,9 @@ def cli() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        sys.exit(report_user_error(describe_config_error(err)))
+        sys.exit(report_user_error(locate(describe_config_error(err))))
     except UserError as err:  # raised outside main(): a sweep's launcher (e.g. every trial invalid)
-        sys.exit(report_user_error(str(err)))
+        sys.exit(report_user_error(locate(str(err))))
 
 
 if __name__ == "__main__":

@@ -287,6 +287,10 @@ def setting_source(key: str) -> str:
         hydra_cfg = HydraConfig.get()
     except (ImportError, ValueError):
         return "in the config"
+    from orchestrator.runfile import source_of
+
+    if source_of(key):  # a run file's keys reach Hydra as overrides (orchestrator/runfile.py)
+        return source_of(key)
     if any(o.split("=", 1)[0].lstrip("+~") == key for o in hydra_cfg.overrides.task):
         return "on the command line"
     from importlib import resources
