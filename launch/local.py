@@ -35,8 +35,11 @@ def start_ray(cluster: ClusterConfig) -> None:
     for key, value in {**GPU_ENV, **QUIET_ENV}.items():
         os.environ.setdefault(key, value)
     env_vars = {k: os.environ[k] for k in GPU_ENV}
-    if cluster.address:
-        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars}, logging_level="WARNING",
+    if cluster.address:  # the cluster's nodes need not have the project: the driver ships it (launch/ship.py)
+        from launch.ship import code_runtime_env
+
+        ray.init(address=cluster.address, runtime_env={"env_vars": env_vars, **code_runtime_env()},
+                 logging_level="WARNING",
                  log_to_driver=False)  # its processes' output stays in their log files (orchestrator/logs.py)
         return
     # Ray's default for a new local cluster, token authentication, is what we want: no WARNING saying it is on
@@ -110,7 +113,9 @@ def run_training(run: RunConfig, plan: Plan):
     trainer = interrupt_noting(TorchTrainer)(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu),
+        # PACK (Ray's default, said here): fill one node's GPUs before the next, so NCCL stays on NVLink within a node
+        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                               placement_strategy="PACK"),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=ray_run_name(run, run_id), storage_path=storage_root(run),

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.config import RunConfig
+from orchestrator.placement import NODES_KEY, describe_nodes
 
 _console = Console(highlight=False, soft_wrap=True)
 
@@ -75,4 +76,6 @@ def final_summary(metrics: Dict, run: RunConfig) -> None:
     _console.print(f"time: {metrics['time/finished_at'] - started:.0f}s in all; first step after "
                    f"{metrics['time/first_step_at'] - started:.0f}s; training {metrics.get('time/train_s', 0):.0f}s; "
                    f"evaluation {metrics.get('time/eval_before_s', 0) + metrics.get('time/eval_s', 0):.0f}s")
+    if metrics.get(NODES_KEY):  # which node each rank ran on (orchestrator/placement.py)
+        _console.print(describe_nodes(metrics[NODES_KEY]))
     _console.print(f"export: {os.path.join(run.run_dir, 'export')}")

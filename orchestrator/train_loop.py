@@ -40,6 +40,7 @@ from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import forgetting_metrics, prefixed, validation_metrics
 from orchestrator.model import build_model, load_tokenizer, read_model_config
 from orchestrator.optimization import make_optimizer, make_scheduler, schedule_of
+from orchestrator.placement import NODES_KEY, gather_nodes
 from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressSender, forward_own_warnings
@@ -108,6 +109,7 @@ class Recipe:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group Ray set up
+        self.nodes = gather_nodes(self.rank, self.world_size)  # which node each rank runs on (placement.py)
         torch.manual_seed(self.run_config.trainer.seed)
 
     def build_data(self) -> None:
@@ -346,7 +348,7 @@ class Recipe:
             final_eval = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
             final_eval.update(self.choose_final_weights(final_eval))
         final = {"step": len(self.state.loss), **self.state.to_history(), **self.last_metrics, **final_eval,
-                 **self.timer.seconds(), **peak_gpu_memory(self.device)}
+                 **self.timer.seconds(), **peak_gpu_memory(self.device), NODES_KEY: self.nodes}
         if run.trainer.save_final:
             self.save_checkpoint(final, final=True)
         else:
