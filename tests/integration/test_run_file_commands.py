@@ -50,3 +50,97 @@ def test_an_init_file_trains_as_is(trained):
     assert sorted(checkpoints) == [1, 2, 3]
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "name: tiny" in config and "path: builtin:tiny-llama" in config
+
+
+def logits(model_dir_or_model, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = (AutoModelForCausalLM.from_pretrained(model_dir_or_model, dtype=torch.float32)
+             if isinstance(model_dir_or_model, (str, Path)) else model_dir_or_model)
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_export_of_a_mid_run_checkpoint_gives_that_checkpoints_logits(trained, tmp_path):
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.model import resolve_model_path
+
+    run_dir, checkpoints = trained
+    out = tmp_path / "step2"
+    result = orchestrator("export", checkpoints[2], "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"export: {out} (step 2 of {run_dir}, full weights, fp32)\n"
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+    # the oracle: the step-2 weights read straight from the ZeRO shards into the model's own class and shape
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints[2] / "deepspeed"), tag="zero")
+    reference = LlamaForCausalLM(LlamaConfig.from_pretrained(resolve_model_path("builtin:tiny-llama")))
+    reference.load_state_dict(state, strict=True)
+    ids = torch.tensor([[2, 17, 400, 31, 5, 99, 3]])
+    exported = logits(out, ids)
+    assert torch.equal(exported, logits(reference, ids))
+    final = logits(run_dir / "export", ids)  # the run's own export: the last step's weights, not step 2's
+    assert (exported - final).abs().max() > 1e-6
+
+
+def test_export_of_the_run_takes_its_newest_checkpoint_and_equals_the_runs_export(trained, tmp_path):
+    import torch
+
+    run_dir, _ = trained
+    ids = torch.tensor([[2, 17, 400, 31, 5, 99, 3]])
+    out = tmp_path / "last"
+    result = orchestrator("export", run_dir, "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"(step {STEPS} of {run_dir}" in result.stdout
+    assert torch.equal(logits(out, ids), logits(run_dir / "export", ids))
+
+    half = tmp_path / "bf16"
+    assert orchestrator("export", run_dir, "--dtype", "bf16", "--out", half, cwd=tmp_path).returncode == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(half).dtype == torch.bfloat16
+    again = orchestrator("export", run_dir, "--out", out, cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.endswith(f"error: {out} exists and is not empty: choose another "
+                                                           "--out\n")
+
+
+def test_export_refuses_an_incomplete_checkpoint(trained, tmp_path):
+    import shutil
+
+    run_dir, checkpoints = trained
+    copy = tmp_path / "run" / "checkpoints" / "checkpoint_cut"
+    shutil.copytree(run_dir / ".hydra", tmp_path / "run" / ".hydra")
+    shutil.copytree(checkpoints[1], copy)
+    (copy / "complete" / "rank_1.json").unlink()
+    result = orchestrator("export", copy, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (f"error: {copy} is not a complete checkpoint (a rank did not finish "
+                                              "writing it): give another, or the run directory for its newest "
+                                              "complete one")
+
+
+def test_export_of_a_one_worker_lora_run_merges_its_adapter_onto_the_same_base(trained, tmp_path):
+    """One worker training adapters keeps only the trainable weights (PlainEngine): the export rebuilds the base
+    (here model.init=random, from the run's seed) and merges the adapter, as the run's own export did."""
+    import torch
+
+    home = trained[0].parent
+    run_dir = tmp_path / "lora"
+    result = orchestrator("train", "tiny.yaml", "strategy=lora", *[o for o in TINY if "cpu_workers" not in o],
+                          "cluster.cpu_workers=1", "trainer.max_steps=2", f"hydra.run.dir={run_dir}", cwd=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "merged"
+    exported = orchestrator("export", run_dir, "--out", out, cwd=home)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.endswith("adapter/ and merged weights, fp32)\n")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[2, 17, 400, 31, 5, 99, 3]])
+    assert torch.equal(logits(out, ids), logits(run_dir / "export", ids))
+    adapter_only = tmp_path / "adapter"
+    assert orchestrator("export", run_dir, "--no-merge", "--out", adapter_only, cwd=home).returncode == 0
+    assert sorted(p.name for p in adapter_only.iterdir() if p.suffix == ".safetensors") == []
+    assert (adapter_only / "adapter" / "adapter_model.safetensors").is_file()
