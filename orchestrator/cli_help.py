@@ -107,7 +107,11 @@ def help_text() -> str:
         "says why), Ray Train starts one worker per GPU across the nodes, each trains with DeepSpeed ZeRO-3, and "
         "the run directory gets a Hugging Face model (export/), metrics, plots and a model card.", WIDTH)
     lines += ["", "usage: orchestrator [+experiment=NAME] [GROUP=OPTION ...] [KEY=VALUE ...]",
-              "       (the same as python -m orchestrator; with no arguments it runs the legal demo)", ""]
+              "       (the same as python -m orchestrator; with no arguments it runs the legal demo)",
+              "       orchestrator train RUN.yaml [KEY=VALUE ...]    a run file of your own (--config RUN.yaml too)",
+              "       orchestrator init [--model NAME] [--strategy S] [--out run.yaml]    writes a starter run file",
+              "       orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--out DIR]",
+              "       orchestrator chat EXPORT [--once TEXT]    orchestrator predict EXPORT --input rows.jsonl", ""]
     for group, heading, how in GROUPS:
         options = config_options(group)
         if options:
