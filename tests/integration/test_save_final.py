@@ -1,6 +1,6 @@
 """trainer.save_final=false (benchmarks, smoke runs): the run's metrics still reach the driver, nothing is
-exported, and a second run in the same directory starts afresh instead of "resuming" from the metrics-only
-report the first one left behind (Ray Train hands a run directory's last reported checkpoint back)."""
+exported, and a second run in the same directory (resume=auto: without it the directory is refused) starts afresh
+instead of "resuming" from the metrics-only report the first one left behind."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 import pytest
 
 from orchestrator.__main__ import execute
+from orchestrator.errors import UserError
 from tests.conftest import compose_run, tiny_llama_run
 
 pytestmark = pytest.mark.ray
@@ -23,7 +24,11 @@ def test_metrics_without_a_saved_model_and_a_clean_rerun(ray_cluster, tmp_path):
     assert len(first["train/step_s_history"]) == 2 and all(t > 0 for t in first["train/tokens_history"])
     assert not (tmp_path / "export").exists()
 
-    second = execute(compose_run(overrides, tmp_path))  # same run directory
+    # the same run directory again: refused without resume= (run identity), and resume=auto finds nothing to
+    # continue, since a metrics-only checkpoint holds no weights: a clean rerun with the same losses
+    with pytest.raises(UserError, match="resume=auto"):
+        execute(compose_run(overrides, tmp_path))
+    second = execute(compose_run([*overrides, "resume=auto"], tmp_path))
     assert second["train/loss_history"] == pytest.approx(first["train/loss_history"], rel=1e-6)
     assert "train/restarts" not in second
 

@@ -37,7 +37,9 @@ def trials(sweep_dir):
 
 def test_trials_run_at_the_same_time_within_the_cap(sweep_dir):
     spans = [(t["started_at"], t["finished_at"]) for t in trials(sweep_dir)]
-    assert all(start < end for start, end in spans)
+    # the trained trials take time; the invalid one is refused by its preflight before it takes any
+    assert all(start < end for (start, end), t in zip(spans, trials(sweep_dir)) if t["status"] == "completed")
+    assert all(start <= end for start, end in spans)
 
     def running_at(moment):
         return sum(start <= moment < end for start, end in spans)
