@@ -32,6 +32,7 @@ from orchestrator.config import KubeConfig, RunConfig
 from orchestrator.errors import UserError
 from orchestrator.package_files import package_dir
 from orchestrator.plan import ClusterResources, Plan
+from orchestrator.run_identity import RUN_ID_ENV
 
 K8S_DIR = package_dir("k8s")  # k8s/ of the checkout, shipped in the package as orchestrator.k8s
 BASE = K8S_DIR / "base" / "rayjob.yaml"
@@ -156,7 +157,10 @@ def render(run: RunConfig, plan: Plan, resources: ClusterResources, overrides: S
     }
     spec = job["spec"]
     spec["entrypoint"] = entrypoint(run, overrides, name)
-    spec["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": runtime_env_vars(k)}, sort_keys=True)
+    # the job's name is the run's identity (orchestrator/run_identity.py): a retry under k8s.backoff_limit reruns
+    # the entrypoint in the same run directory and continues this run's checkpoints instead of being refused
+    env_vars = {**runtime_env_vars(k), RUN_ID_ENV: name}
+    spec["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": env_vars}, sort_keys=True)
     spec["shutdownAfterJobFinishes"] = k.shutdown_after_job_finishes
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     spec["backoffLimit"] = k.backoff_limit

@@ -179,6 +179,11 @@ def test_runtime_env_and_storage(tmp_path):
     job, _, _ = rendered(["+experiment=legal_full", *SIZED, "+k8s.env.NCCL_DEBUG=INFO"], tmp_path)
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["NCCL_DEBUG"] == "INFO" and env["HF_HOME"] == "/mnt/runs/hf-cache"
+    # the job's name is the run's identity: a retry under k8s.backoff_limit continues the run instead of being
+    # refused for finding it in its run directory; the run directory is the job's own
+    assert env["ORCHESTRATOR_RUN_ID"] == job["metadata"]["name"]
+    assert any(o.endswith(f"/{job['metadata']['name']}") for o in shlex.split(job["spec"]["entrypoint"])
+               if o.startswith("hydra.run.dir="))
     for pod in pods(job):
         claim = next(v for v in pod["volumes"] if v["name"] == "runs")
         assert claim["persistentVolumeClaim"]["claimName"] == "orchestrator-runs"
