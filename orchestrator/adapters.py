@@ -71,9 +71,10 @@ def _feedforward(targets: Optional[list]) -> Optional[list]:
                                                         "intermediate", "output.dense"))]
 
 
-def export_adapted(model: nn.Module, strategy: Union[Strategy, str], cfg: PeftConfig, directory: str) -> None:
+def export_adapted(model: nn.Module, strategy: Union[Strategy, str], cfg: PeftConfig, directory: str,
+                   max_shard_size: str = "5GB") -> None:
     """Rank 0, weights complete: the adapter always; and, where peft can merge it, a full model too."""
     model.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
     if cfg.merge and Strategy(strategy).mergeable:
         merged = model.merge_and_unload()
-        merged.save_pretrained(directory, safe_serialization=True, max_shard_size="5GB")
+        merged.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)

@@ -3,7 +3,7 @@
     orchestrator train [RUN.yaml] [key=value ...]   a run (RUN.yaml: orchestrator/runfile.py); without a file, as
                                                     `orchestrator [key=value ...]`; also `--config RUN.yaml`
     orchestrator init [--model NAME] [--strategy S] [--out run.yaml]   a commented starter run file
-    orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--out DIR]
+    orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--shard-size 5GB] [--out DIR]
     orchestrator chat EXPORT [--once TEXT]
     orchestrator predict EXPORT --input rows.jsonl [--score]   (= python -m orchestrator.predict)
 

@@ -110,7 +110,8 @@ def help_text() -> str:
               "       (the same as python -m orchestrator; with no arguments it runs the legal demo)",
               "       orchestrator train RUN.yaml [KEY=VALUE ...]    a run file of your own (--config RUN.yaml too)",
               "       orchestrator init [--model NAME] [--strategy S] [--out run.yaml]    writes a starter run file",
-              "       orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--out DIR]",
+              "       orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] "
+              "[--shard-size 5GB] [--out DIR]",
               "       orchestrator chat EXPORT [--once TEXT]    orchestrator predict EXPORT --input rows.jsonl", ""]
     for group, heading, how in GROUPS:
         options = config_options(group)

@@ -1,6 +1,6 @@
-"""`orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--out DIR]`: a consolidated
-Hugging Face directory (safetensors, config, tokenizer; LoRA merged or as adapter/) from any complete checkpoint of
-a run, not only the final one.
+"""`orchestrator export RUN_OR_CHECKPOINT [--merge/--no-merge] [--dtype bf16|fp32] [--shard-size 5GB] [--out DIR]`:
+a consolidated Hugging Face directory (safetensors, config, tokenizer; LoRA merged or as adapter/) from any complete
+checkpoint of a run, not only the final one.
 
 RUN_OR_CHECKPOINT is a run directory (its newest complete checkpoint is taken) or one checkpoint_* directory. The
 model is rebuilt from the run's saved config (<run_dir>/.hydra/config.yaml: model, peft; the strategy from the
@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,7 +28,8 @@ DTYPES = ("bf16", "fp32")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="orchestrator export", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    description = __doc__.split("\n\n")[0].split(":\n", 1)[1]
+    parser = argparse.ArgumentParser(prog="orchestrator export", description=description)
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest complete "
                         "checkpoint) or a checkpoint_* directory")
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
@@ -35,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "the adapter alone")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default: the run's precision: "
                         "bf16 where it trained in bf16, else fp32)")
+    parser.add_argument("--shard-size", default=None, help="largest safetensors file, e.g. 5GB (the default) or "
+                        "500MB: bigger models are split, with an index")
     parser.add_argument("--out", help="the directory to write (default: <run_dir>/export_step_<step>)")
     parser.add_argument("--run", help="the run directory, where the checkpoint is stored outside it "
                         "(cluster.storage_path)")
@@ -47,7 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(opts.out) if opts.out else run_dir / f"export_step_{step}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose another --out")
-    written = export_checkpoint(checkpoint, run_dir, out, merge=opts.merge, dtype=opts.dtype)
+    written = export_checkpoint(checkpoint, run_dir, out, merge=opts.merge, dtype=opts.dtype,
+                                shard_size=opts.shard_size)
     sys.stdout.write(f"export: {out} (step {step} of {run_dir}, {written})\n")
     return 0
 
@@ -140,7 +145,7 @@ def read_weights(checkpoint: Path) -> Tuple[Dict[str, "object"], bool]:
 
 
 def export_checkpoint(checkpoint: Path, run_dir: Path, out: Path, merge: Optional[bool] = None,
-                      dtype: Optional[str] = None) -> str:
+                      dtype: Optional[str] = None, shard_size: Optional[str] = None) -> str:
     """Rebuild, load, save. Returns what was written (merged / adapter, dtype)."""
     import torch
     import transformers
@@ -152,6 +157,9 @@ def export_checkpoint(checkpoint: Path, run_dir: Path, out: Path, merge: Optiona
 
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
+    shard_size = shard_size or SHARD_SIZE
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", shard_size, re.IGNORECASE):
+        raise UserError(f"--shard-size {shard_size} is not allowed: a size such as 5GB or 500MB")
     run = load_run(run_dir)
     strategy = checkpoint_strategy(checkpoint, run_dir)
     if dtype is None:
@@ -173,10 +181,10 @@ def export_checkpoint(checkpoint: Path, run_dir: Path, out: Path, merge: Optiona
     out.mkdir(parents=True, exist_ok=True)
     if strategy.uses_adapters:
         peft = type(run.peft)(**{**vars(run.peft), "merge": run.peft.merge if merge is None else merge})
-        export_adapted(model, build_strategy, peft, str(out))
+        export_adapted(model, build_strategy, peft, str(out), max_shard_size=shard_size)
         what = "adapter/ and merged weights" if peft.merge and build_strategy.mergeable else "adapter/ only"
     else:
-        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=SHARD_SIZE)
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=shard_size)
         what = "full weights"
     tokenizer = load_tokenizer(run.model)
     if run.model.task is Task.classification:  # as the run's export: truncates as training did

@@ -103,6 +103,11 @@ def test_export_of_the_run_takes_its_newest_checkpoint_and_equals_the_runs_expor
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(half).dtype == torch.bfloat16
+    sharded = tmp_path / "sharded"
+    assert orchestrator("export", run_dir, "--shard-size", "2MB", "--out", sharded, cwd=tmp_path).returncode == 0
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert torch.equal(logits(sharded, ids), logits(run_dir / "export", ids))
     again = orchestrator("export", run_dir, "--out", out, cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.endswith(f"error: {out} exists and is not empty: choose another "
                                                            "--out\n")
