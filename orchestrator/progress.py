@@ -166,6 +166,7 @@ def forward_own_warnings(sender: ProgressSender) -> None:
 def start_feed():
     """The actor that carries rank 0's events to the driver (no CPUs: it only holds a list)."""
     import ray
+    import ray.util.scheduling_strategies
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class ProgressFeed:
@@ -179,7 +180,10 @@ def start_feed():
             events, self.events = self.events, []
             return events
 
-    return ProgressFeed.remote()
+    # on the driver's node, as Ray Train pins its controller: a lost worker node must not take the feed with it
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+    return ProgressFeed.options(scheduling_strategy=here).remote()
 
 
 class ProgressView:

@@ -84,6 +84,7 @@ def two_nodes(tmp_path_factory):
             cluster = Cluster(initialize_head=True, head_node_args={**node, "resources": {"node_a": 1}})
             cluster.add_node(**node, resources={"node_b": 1})
             cluster.wait_for_nodes()
+        cluster.node_args, cluster.node_environment = node, environment  # for test_a_lost_node_...
         try:
             ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
 
@@ -137,3 +138,91 @@ def test_the_ranks_ran_on_different_nodes(two_nodes, two_node_run):
     cluster_ids = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
     assert len(node_ids) == 2 and node_ids == cluster_ids, (saved, cluster_ids)
     assert all(w["hostname"] == socket.gethostname() for w in saved)
+
+
+LOST_STEPS, LOST_CHECKPOINT_EVERY, LOST_AT = 12, 3, 4
+
+
+def train_workers_on(node) -> list:
+    """The Ray Train worker processes that this node's raylet started."""
+    import psutil
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return [p for p in psutil.Process(raylet).children() if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_a_lost_node_is_survived_on_the_nodes_that_remain(two_nodes, two_node_run, tiny_llama_dir, tmp_path):
+    """A third node joins first (a spare: Ray Train needs 2 workers' CPUs again after the loss). Once step LOST_AT
+    is done, a node running a worker dies (its raylet and every process it started killed; never the driver's
+    node, where Ray Train keeps its controller). The run finishes unaided from its newest complete checkpoint
+    (trainer.max_failures, trainer.checkpoint_every), with the single-process reference's losses, on nodes that do
+    not include the lost one. Runs last: it changes the module's cluster. Prints the seconds from the kill to the
+    next finished step."""
+    import threading
+    import time
+
+    import ray
+
+    cluster, _ = two_nodes
+    with mock.patch.dict(os.environ, cluster.node_environment):
+        cluster.add_node(**cluster.node_args, resources={"node_c": 1})
+    cluster.wait_for_nodes()
+    run = compose_run([*[o for o in overrides(tiny_llama_dir, workers=2, micro=4, accum=1) if "max_steps" not in o],
+                       f"trainer.max_steps={LOST_STEPS}", f"trainer.checkpoint_every={LOST_CHECKPOINT_EVERY}",
+                       "trainer.max_failures=1", f"cluster.address={cluster.address}"], tmp_path / "run")
+    progress = tmp_path / "run" / "progress.json"  # rank 0's last finished step and when (restarts.Progress)
+    events: dict = {}
+
+    def last_progress():
+        try:
+            return json.loads(progress.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def lose_a_node():
+        deadline = time.time() + 300
+        while time.time() < deadline and (last_progress() or {}).get("step", 0) < LOST_AT:
+            time.sleep(0.05)
+        driver_node = ray.get_runtime_context().get_node_id()
+        lost = next(n for n in cluster.worker_nodes if n.node_id != driver_node and train_workers_on(n))
+        workers = train_workers_on(lost)
+        events.update(killed_after_step=(last_progress() or {}).get("step"), lost=lost.node_id,
+                      killed_at=time.time())
+        for worker in workers:  # a machine lost: its processes die at once, the node's own ones with its raylet
+            worker.kill()
+        cluster.remove_node(lost, allow_graceful=False)
+        trace = events["trace"] = []  # every step rank 0 finished after the kill: (step, when)
+        while time.time() < deadline and not finished.is_set():
+            record = last_progress()
+            if record and record["time"] > events["killed_at"] and (not trace or trace[-1][1] != record["time"]):
+                trace.append((record["step"], record["time"]))
+            time.sleep(0.02)
+
+    def watch():
+        try:
+            lose_a_node()
+        except Exception as err:  # noqa: BLE001 - reported by the assertions below
+            events["error"] = repr(err)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    finished = threading.Event()
+    watcher.start()
+    try:
+        metrics = execute(run)
+    finally:
+        finished.set()
+        watcher.join(timeout=60)
+    assert "error" not in events and events.get("killed_after_step", LOST_STEPS) < LOST_STEPS, events
+    assert metrics["train/restarts"] == 1
+    losses = metrics["train/loss_history"]
+    assert len(losses) == LOST_STEPS
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses(run)), rtol=TOLERANCE, atol=0)
+    nodes_after = {w["node_id"] for w in metrics[NODES_KEY]}
+    assert events["lost"] not in nodes_after and len(nodes_after) == 2, (metrics[NODES_KEY], events)
+    # the restarted workers' first step: the one after the longest pause (a step in flight may end just after the kill)
+    trace = [(events["killed_after_step"], events["killed_at"]), *events["trace"]]
+    gaps = [(trace[i + 1][1] - trace[i][1], i + 1) for i in range(len(trace) - 1)]
+    step, when = trace[max(gaps)[1]]
+    print(f"\nlost node after step {events['killed_after_step']}: the restarted workers finished step {step} "
+          f"{when - events['killed_at']:.1f} s after the kill; {metrics['train/repeated_steps']} step(s) repeated")
