@@ -9,7 +9,9 @@ remote cluster; the driver ships its code (launch/ship.py).
 - a plain Ray task on either node fails to import orchestrator: the hook works, so the run below succeeding means
   the code was shipped;
 - a 2-worker ZeRO-3 run (gloo, tiny Llama) has the per-step losses of the single-process reference
-  (test_distributed_correctness), and its ranks ran on the two different nodes, as metrics.json says.
+  (test_distributed_correctness), and its ranks ran on the two different nodes, as metrics.json says;
+- last, with a spare third node joined: a node running a worker dies after step 4 and the run finishes unaided from
+  its step-3 checkpoint with the same losses (it prints the seconds from the kill to the next step: bench/RESULTS.md).
 
 Placement: Ray Train's placement strategy is PACK (launch/local.py: one node's GPUs first, NCCL on NVLink); a CPU
 worker asks for 1 CPU, so with 1 CPU per node PACK has to put the two workers on two nodes, as it does with two
