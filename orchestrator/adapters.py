@@ -4,6 +4,7 @@ how an adapted model is exported (merged into full weights where peft can merge,
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Union
 
@@ -73,8 +74,12 @@ def _feedforward(targets: Optional[list]) -> Optional[list]:
 
 def export_adapted(model: nn.Module, strategy: Union[Strategy, str], cfg: PeftConfig, directory: str,
                    max_shard_size: str = "5GB") -> None:
-    """Rank 0, weights complete: the adapter always; and, where peft can merge it, a full model too."""
+    """Rank 0, weights complete: the adapter always; and, where peft can merge it, a full model too. The merge is
+    made on a copy: merge_and_unload replaces the adapted layers in place, and the trained model goes on after the
+    export (the optional evaluations of Recipe.finish), where under ZeRO-3 every rank must still hold the same
+    layers for the collective gathers to match."""
     model.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
     if cfg.merge and Strategy(strategy).mergeable:
-        merged = model.merge_and_unload()
+        merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+        del merged
