@@ -19,16 +19,19 @@ def test_metrics_without_a_saved_model_and_a_clean_rerun(ray_cluster, tmp_path):
     overrides = [*tiny_llama_run(), "trainer.max_steps=2", "trainer.micro_batch_size=2", "cluster.cpu_workers=1",
                  "data.max_length=64", "data.max_validation_rows=2", "trainer.eval_generate_rows=0",
                  "trainer.save_final=false", "data.packing=true"]
-    first = execute(compose_run(overrides, tmp_path))
+    # runs/<name>/<run> as the CLI lays them out: resume=auto looks through the run directory's parent, which is
+    # then this test's own (pytest's base directory holds every other test's runs too)
+    run_dir = tmp_path / "run"
+    first = execute(compose_run(overrides, run_dir))
     assert len(first["train/loss_history"]) == 2 and all(math.isfinite(x) for x in first["train/loss_history"])
     assert len(first["train/step_s_history"]) == 2 and all(t > 0 for t in first["train/tokens_history"])
-    assert not (tmp_path / "export").exists()
+    assert not (run_dir / "export").exists()
 
     # the same run directory again: refused without resume= (run identity), and resume=auto finds nothing to
     # continue, since a metrics-only checkpoint holds no weights: a clean rerun with the same losses
     with pytest.raises(UserError, match="resume=auto"):
-        execute(compose_run(overrides, tmp_path))
-    second = execute(compose_run([*overrides, "resume=auto"], tmp_path))
+        execute(compose_run(overrides, run_dir))
+    second = execute(compose_run([*overrides, "resume=auto"], run_dir))
     assert second["train/loss_history"] == pytest.approx(first["train/loss_history"], rel=1e-6)
     assert "train/restarts" not in second
 
