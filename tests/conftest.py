@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -13,6 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("ORCHESTRATOR_CACHE_DIR", tempfile.mkdtemp(prefix="orchestrator-cache-"))  # not ~/.cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def absl_keeps_its_hands_off_pytests_stderr():
+    """absl's logging handler (absl comes with rouge_score, imported by the generation metrics) holds the stderr of
+    the moment it was made: pytest's capture file. Its close() closes any stream that is not the current sys.stderr,
+    and Hydra, run in-process by the CLI tests, closes every handler when it configures logging, while the test's
+    capsys is sys.stderr: pytest's own capture file was closed and the session ended without a summary ("lost
+    sys.stderr"). Pointing the handler at the process's real stderr, which absl never closes, prevents that."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        yield
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    yield
 
 
 def compose_run(overrides: List[str], run_dir: Path):
