@@ -58,9 +58,7 @@ def main() -> None:
         command = None
     else:
         run_dir = Path(tempfile.mkdtemp(prefix="cli_quality_"))
-        command = [sys.executable, "-m", "orchestrator", "+experiment=legal_demo", f"data.path={DATA / 'train.jsonl'}",
-                   f"hydra.run.dir={run_dir}", *([f"trainer.seed={args.seed}"] if args.seed is not None else []),
-                   *extra]
+        command = cli_command(args, [f"hydra.run.dir={run_dir}"], extra)
         subprocess.run(command, cwd=ROOT, check=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scored = score(run_dir / "export", DATA / "validation.jsonl")
@@ -73,12 +71,17 @@ def main() -> None:
     write(args, result)
 
 
+def cli_command(args, where: list, extra: list) -> list:
+    """The command as a new user types it: where its outputs go, the seed asked for, then the extra overrides."""
+    seed = [f"trainer.seed={args.seed}"] if args.seed is not None else []
+    return [sys.executable, "-m", "orchestrator", "+experiment=legal_demo", f"data.path={DATA / 'train.jsonl'}",
+            *where, *seed, *extra]
+
+
 def tuner(args, extra) -> None:
     """The built-in tuner as typed: one multirun; its best_export (chosen on validation) scored on unseen rows."""
     sweep_dir = Path(tempfile.mkdtemp(prefix=f"cli_quality_{args.sweep}_"))
-    command = [sys.executable, "-m", "orchestrator", "+experiment=legal_demo", f"data.path={DATA / 'train.jsonl'}",
-               f"+sweep={args.sweep}", f"hydra.sweep.dir={sweep_dir}",
-               *([f"trainer.seed={args.seed}"] if args.seed is not None else []), *extra]
+    command = cli_command(args, [f"+sweep={args.sweep}", f"hydra.sweep.dir={sweep_dir}"], extra)
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
     wall_s = time.time() - started
