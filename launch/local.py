@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from typing import Optional, Sequence
 
 import psutil
@@ -127,6 +128,7 @@ def run_training(run: RunConfig, plan: Plan):
     )
     console.note(link_ray_logs(run.run_dir))  # where the libraries' output went (orchestrator/logs.py)
     view = ProgressView(feed, terminal=sys.stdout.isatty())
+    fit_started_at = time.time()  # for the start-up account: before this, imports, Ray's start and the plan
     try:
         with view:
             result = fit(trainer)
@@ -141,6 +143,7 @@ def run_training(run: RunConfig, plan: Plan):
         export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
     if result.metrics is not None:  # measured after the final checkpoint (Recipe.finish): optional evaluations
         result.metrics.update(view.late_metrics)
+        result.metrics["time/fit_started_at"] = fit_started_at
     return result
 
 

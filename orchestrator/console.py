@@ -53,6 +53,29 @@ def optional_step(what: str):
         warning(f"{what} failed after training, the export is kept: {type(err).__name__}: {err}")
 
 
+STARTUP_PHASES = (  # (label, seconds from the metrics); the recipe times its own phases (train_loop.Recipe.run)
+    ("imports, Ray and the plan", lambda m: m["time/fit_started_at"] - m["time/command_started_at"]),
+    ("Ray Train starting the workers", lambda m: m["time/worker_started_at"] - m["time/fit_started_at"]),
+    ("worker setup", lambda m: m["time/setup_worker_s"]),
+    ("data", lambda m: m["time/build_data_s"]),
+    ("model and engine", lambda m: m["time/build_engine_s"]),
+    ("checkpoint restore", lambda m: m["time/restore_s"]),
+    ("evaluation before", lambda m: m.get("time/eval_before_s", 0.0)),
+)
+
+
+def startup_account(metrics: Dict) -> str:
+    """Where the time from the command to the first step went, phase by phase ('' for runs without the marks)."""
+    try:
+        parts = [(label, seconds(metrics)) for label, seconds in STARTUP_PHASES]
+        total = metrics["time/first_step_at"] - metrics["time/command_started_at"]
+    except KeyError:
+        return ""
+    parts.append(("the rest", total - sum(value for _, value in parts)))  # e.g. the tracker's start
+    shown = ", ".join(f"{label} {value:.1f}s" for label, value in parts if value >= 0.05)
+    return f"start-up {total:.0f}s: {shown}"
+
+
 def final_summary(metrics: Dict, run: RunConfig) -> None:
     exported = metrics.get("select/exported_step")
     selected = exported is not None and exported != metrics.get("step")
@@ -76,6 +99,9 @@ def final_summary(metrics: Dict, run: RunConfig) -> None:
     _console.print(f"time: {metrics['time/finished_at'] - started:.0f}s in all; first step after "
                    f"{metrics['time/first_step_at'] - started:.0f}s; training {metrics.get('time/train_s', 0):.0f}s; "
                    f"evaluation {metrics.get('time/eval_before_s', 0) + metrics.get('time/eval_s', 0):.0f}s")
+    startup = startup_account(metrics)
+    if startup:
+        _console.print(startup)
     if metrics.get(NODES_KEY):  # which node each rank ran on (orchestrator/placement.py)
         _console.print(describe_nodes(metrics[NODES_KEY]))
     _console.print(f"export: {os.path.join(run.run_dir, 'export')}")

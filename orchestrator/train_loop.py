@@ -76,12 +76,13 @@ class Recipe:
         self.task = self.run_config.model.task
         self.total_steps = self.plan.max_steps  # from trainer.epochs or trainer.max_steps (plan.py)
         self.timer = PhaseTimer()
+        self.started_at = time.time()  # wall clock: the driver's fit() to here is Ray starting the workers
 
     def run(self) -> None:
-        self.setup_worker()
-        self.build_data()
-        self.build_engine()
-        self.restore()
+        # the start-up phases are timed (time/<phase>_s): the console's final summary says where the start went
+        for phase in (self.setup_worker, self.build_data, self.build_engine, self.restore):
+            with self.timer(phase.__name__):
+                phase()
         self.train()
         self.finish()
 
@@ -348,7 +349,8 @@ class Recipe:
             final_eval = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
             final_eval.update(self.choose_final_weights(final_eval))
         final = {"step": len(self.state.loss), **self.state.to_history(), **self.last_metrics, **final_eval,
-                 **self.timer.seconds(), **peak_gpu_memory(self.device), NODES_KEY: self.nodes}
+                 **self.timer.seconds(), **peak_gpu_memory(self.device), NODES_KEY: self.nodes,
+                 "time/worker_started_at": self.started_at}
         if run.trainer.save_final:
             self.save_checkpoint(final, final=True)
         else:

@@ -28,6 +28,7 @@ ALLOWED = [  # each console line of the run matches one of these, from its start
     r"legal_demo: validation before and after 3 steps",
     r"[┏┃┡│└]",  # the before/after table
     r"time: \d+s in all; first step after \d+s; ",
+    r"start-up \d+s: imports, Ray and the plan \d+\.\ds, Ray Train starting the workers ",  # console.startup_account
     r"nodes: \d+; ranks \S+ on ",  # where the ranks ran (orchestrator/placement.py)
     r"export: \S+/export$",
     r"plot: \S+\.png$",
