@@ -73,11 +73,14 @@ def detect_resources(cluster: ClusterConfig, ray_started: bool) -> ClusterResour
         # sizing for another cluster (cluster.gpus given): its host memory is what the user says, if anything
         host_memory = None if cluster.gpus is not None else ray_memory_gb()
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    memory = cluster.gpu_memory_gb if cluster.gpu_memory_gb is not None else memory
+    nodes = cluster.nodes if cluster.nodes is not None else node_count
+    gpus_per_node = cluster.gpus if cluster.gpus is not None else gpus_per_node
+    if cluster.gpu_fraction is not None and gpus_per_node:  # a share of one GPU: a one-worker run on part of it
+        nodes, gpus_per_node = 1, 1
+        memory = memory * cluster.gpu_fraction if memory is not None else None
     return ClusterResources(
-        nodes=cluster.nodes if cluster.nodes is not None else node_count,
-        gpus_per_node=cluster.gpus if cluster.gpus is not None else gpus_per_node,
-        gpu_memory_gb=cluster.gpu_memory_gb if cluster.gpu_memory_gb is not None else memory,
-        cpus=cpus,
+        nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=memory, cpus=cpus,
         host_memory_gb=cluster.host_memory_gb if cluster.host_memory_gb is not None else host_memory,
     )
 
@@ -116,7 +119,8 @@ def run_training(run: RunConfig, plan: Plan):
         train_loop_config=loop_config,
         # PACK (Ray's default, said here): fill one node's GPUs before the next, so NCCL stays on NVLink within a node
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
-                                               placement_strategy="PACK"),
+                                               placement_strategy="PACK",
+                                               resources_per_worker=worker_resources(run, plan)),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=ray_run_name(run, run_id), storage_path=storage_root(run),
@@ -145,6 +149,15 @@ def run_training(run: RunConfig, plan: Plan):
         result.metrics.update(view.late_metrics)
         result.metrics["time/fit_started_at"] = fit_started_at
     return result
+
+
+def worker_resources(run: RunConfig, plan: Plan) -> Optional[dict]:
+    """Ray's default (a GPU, or a CPU, per worker), or a share of one GPU (cluster.gpu_fraction): several small
+    one-worker runs then train on one GPU at once, as a sweep's trials do where their plans fit together."""
+    fraction = run.cluster.gpu_fraction
+    if not plan.use_gpu or fraction is None or fraction >= 1:
+        return None
+    return {"GPU": fraction, "CPU": 1}
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C

@@ -58,12 +58,19 @@ class Trial:
     plan: Any = None  # Plan
     record: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    gpu_memory_gb: Optional[float] = None  # of each GPU the plan was made for (None: unknown or CPU)
+
     @property
-    def need(self) -> Dict[str, int]:
-        """Ray resources the trial's workers take: a GPU each on GPU, else a CPU each."""
-        return {"GPU": self.plan.num_workers} if self.plan.use_gpu else {"CPU": self.plan.num_workers}
+    def need(self) -> Dict[str, float]:
+        """Ray resources the trial's workers take: a GPU each (or the share of one GPU the sweep gave it,
+        cluster.gpu_fraction) on GPU, else a CPU each."""
+        if not self.plan.use_gpu:
+            return {"CPU": self.plan.num_workers}
+        return {"GPU": self.run.cluster.gpu_fraction or self.plan.num_workers}
 
 
+MAX_TRIALS_PER_GPU = 8  # beyond this the trials' processes and kernels contend more than they gain
+GPU_SHARE_MEMORY = 0.9  # of a GPU's memory the shared trials' predicted peaks may fill together (the plan's rule)
 LOG_FILE = "trial.log"  # the trial's console output, in its directory
 
 
@@ -132,9 +139,14 @@ def to_start(needs: Sequence[Dict[str, int]], free: Dict[str, int], running: int
 
 class RayTrialLauncher(Launcher):
     def __init__(self, max_concurrent: Optional[int] = None, gpus_per_trial: Optional[int] = None,
-                 metric: Optional[str] = None, mode: Optional[str] = None, early_stopping: bool = False) -> None:
+                 metric: Optional[str] = None, mode: Optional[str] = None, early_stopping: bool = False,
+                 trials_per_gpu: Optional[int] = None) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"hydra.launcher.max_concurrent={max_concurrent} is not allowed: an integer >= 1")
+        if trials_per_gpu is not None and trials_per_gpu < 1:
+            raise ValueError(f"hydra.launcher.trials_per_gpu={trials_per_gpu} is not allowed: an integer >= 1, "
+                             "or null to fit as many as the GPU's memory holds")
+        self.trials_per_gpu = trials_per_gpu
         if mode not in (None, "min", "max"):
             raise ValueError(f"hydra.launcher.mode={mode} is not allowed: min, max or null")
         self.max_concurrent = max_concurrent
@@ -164,6 +176,7 @@ class RayTrialLauncher(Launcher):
             self._start_ray([t.run for t in runnable], len(runnable))
             for trial in runnable:
                 self._plan(trial, sweep_dir)
+            self._share_gpus([t for t in runnable if t.plan is not None])
         if not any(t.plan is not None for t in trials):  # nothing to run: one clear line, not a summary of failures
             from orchestrator.errors import UserError
 
@@ -267,18 +280,47 @@ class RayTrialLauncher(Launcher):
             run.logger.group = f"{run.name}-{Path(sweep_dir).name}"
         run.name = f"{run.name}-{trial.num}"
         try:
-            trial.plan = preflight(
+            planned = preflight(
                 run, lambda: detect_resources(run.cluster, ray_started=True),  # the sweep's Ray (_start_ray)
                 # only to pack the trials: the trial's own command (a child process) runs the run and its whole
                 # preflight, so the checks, their failures and the printed plan are in the trial's own log
                 runs_here=False, data=DataCheck.skip, check_freeze=False, report=False,
                 shape_only=False,  # as the sweep always planned: from the model's own config.json, dry run or not
-            ).plan
+            )
         except UserError as err:
             self._fail(trial, err)
             return
+        trial.plan = planned.plan
+        trial.gpu_memory_gb = planned.resources.gpu_memory_gb
         trial.record.update(workers=trial.plan.num_workers, strategy=trial.plan.strategy)
         self._write(trial)
+
+    def _share_gpus(self, trials: List[Trial]) -> None:
+        """Small trials share a GPU: where every trial is one worker on a GPU, with a predicted peak that leaves
+        room for others (hydra.launcher.trials_per_gpu, or as many as fit in 90% of the GPU's memory, at most 8
+        and at most the number of trials), each takes that share of a GPU (cluster.gpu_fraction) and plans for
+        that share of its memory. On a one-GPU machine the six trials of +sweep=auto then train at once."""
+        if not trials or self.trials_per_gpu == 1:
+            return
+        plans = [t.plan for t in trials]
+        if not all(p.use_gpu and p.num_workers == 1 for p in plans) or any(
+                t.run.cluster.gpu_fraction is not None for t in trials):  # set by the user: theirs
+            return
+        share = self.trials_per_gpu
+        if share is None:
+            memory = min((t.gpu_memory_gb for t in trials if t.gpu_memory_gb), default=None)
+            predicted = max((p.predicted_gib_per_gpu or 0.0) for p in plans)
+            if memory is None or not predicted:
+                return  # nothing to size a share by
+            share = min(len(trials), MAX_TRIALS_PER_GPU, int(GPU_SHARE_MEMORY * memory // predicted))
+        if share < 2:
+            return
+        # Ray keeps resource amounts to 4 decimals: 1/share rounded down to them, so that `share` of them fit in 1
+        fraction = math.floor(1e4 / share) / 1e4
+        for trial in trials:
+            trial.run.cluster.gpu_fraction = fraction
+        log.info(f"{share} trials share each GPU (cluster.gpu_fraction={fraction}): each one's plan predicts "
+                 f"{max((p.predicted_gib_per_gpu or 0.0) for p in plans):.1f} GiB at most")
 
     # ---------------------------------------------------------------- running them together
 
@@ -353,6 +395,8 @@ class RayTrialLauncher(Launcher):
                "logger.group": run.logger.group}
         if self.gpus_per_trial is not None:
             own.update({"cluster.gpus": str(run.cluster.gpus), "cluster.nodes": str(run.cluster.nodes)})
+        if run.cluster.gpu_fraction is not None:  # a share of one GPU (_share_gpus): one worker on it
+            own.update({"cluster.gpu_fraction": str(run.cluster.gpu_fraction)})
         if self.early_stopping:  # the median rule, on the metric the sweep ranks by, at every evaluation
             metric = trial.record["metric"]
             own.update({"trainer.early_stopping": "true", "trainer.early_stopping_metric": metric.removeprefix("eval/"),

@@ -248,6 +248,10 @@ class ClusterConfig:
     nodes: Optional[int] = None  # plan for this many nodes instead of reading Ray (sizing)
     gpus: Optional[int] = None  # GPUs per node to plan for (0 = CPU workers); None = read from Ray
     gpu_memory_gb: Optional[float] = None  # memory per GPU to plan for; None = read from the GPUs
+    # share of one GPU a worker takes (Ray's fractional GPUs), for one-worker runs only: below 1, small runs share
+    # a GPU (a sweep gives its trials this where several fit; launch/sweep.py); the plan gets that share of its
+    # memory. None = a whole GPU
+    gpu_fraction: Optional[float] = None
     host_memory_gb: Optional[float] = None  # host memory per node to plan for (offload); None = read it
     cpu_workers: int = 2  # Ray workers when there is no GPU
     storage_path: Optional[str] = None  # checkpoints (a path every node sees); None = the run directory
@@ -391,6 +395,8 @@ def validate(run: RunConfig) -> None:
            "an integer >= 0 (GPUs per node), or null to read them from Ray")
     _check(run.cluster.nodes is None or run.cluster.nodes >= 1, "cluster.nodes", run.cluster.nodes,
            "an integer >= 1, or null")
+    _check(run.cluster.gpu_fraction is None or 0 < run.cluster.gpu_fraction <= 1, "cluster.gpu_fraction",
+           run.cluster.gpu_fraction, "a number in (0, 1], or null for a whole GPU")
     validate_k8s(run.k8s)
     validate_mix(d)
     _check(d.reference_path is None or m.task is Task.causal_lm, "data.reference_path", d.reference_path,
