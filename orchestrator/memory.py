@@ -46,6 +46,7 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     gated_mlp: bool = True  # Llama/Qwen SwiGLU (3 matrices) vs BERT/GPT (2)
+    head_dim: Optional[int] = None  # config.json's head_dim where heads x head_dim != hidden (Qwen3, Gemma); None: hidden / heads
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":
@@ -56,15 +57,20 @@ class ModelShape:
                    layers=int(config.get("num_hidden_layers") or config.get("n_layer")), heads=heads,
                    kv_heads=int(config.get("num_key_value_heads") or heads), vocab=int(config["vocab_size"]),
                    tied_embeddings=bool(config.get("tie_word_embeddings", model_type in ("bert", "gpt2"))),
-                   gated_mlp=model_type not in ("bert", "roberta", "gpt2", "distilbert"))
+                   gated_mlp=model_type not in ("bert", "roberta", "gpt2", "distilbert"),
+                   head_dim=int(config["head_dim"]) if config.get("head_dim") else None)
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
 
     @property
     def block_params(self) -> int:
-        attention = self.hidden * (2 * self.hidden + 2 * self.kv_dim)
+        attention = self.hidden * (2 * self.q_dim + 2 * self.kv_dim)
         mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
         return attention + mlp + 2 * self.hidden
 
@@ -78,8 +84,8 @@ class ModelShape:
 
     def lora_params(self, rank: int) -> int:
         """Adapters on every linear map of every block (q, k, v, o, and the MLP's), A: r x in, B: out x r."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        maps = [(h, h), (h, kv), (h, kv), (h, h)] + [(h, i), (h, i), (i, h)][: 3 if self.gated_mlp else 2]
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        maps = [(h, q), (h, kv), (h, kv), (q, h)] + [(h, i), (h, i), (i, h)][: 3 if self.gated_mlp else 2]
         return self.layers * sum(rank * (a + b) for a, b in maps)
 
     def activation_bytes_per_token(self, checkpointing: bool, fp32_residual: bool = False,

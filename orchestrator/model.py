@@ -63,23 +63,50 @@ def resolve_model_path(path: str, allow_download: bool = False, what: str = "con
 
 def read_model_config(cfg: ModelConfig, shape_only: bool = False) -> dict:
     """config.json of the model with config_overrides applied: all the planner needs, no weights.
-    shape_only (a dry run): a well-known hub id that is not on this machine is planned from the shape
-    the project carries for it (model_configs/*/config.json, "_hub_id")."""
+    shape_only (a dry run): a hub id that is not on this machine is planned from the shape the project carries for
+    it (model_configs/*/config.json, "_hub_id": exact ids, any case), else, with model.allow_download, from its
+    config.json alone (no weights); an id it does not know otherwise says how to plan it."""
     try:
-        directory = resolve_model_path(cfg.path, cfg.allow_download)
+        directory = resolve_model_path(cfg.path, cfg.allow_download and not shape_only)
     except UserError:
-        directory = known_shape(cfg.path) if shape_only else None
-        if directory is None:
+        if not shape_only or not _looks_like_hub_id(cfg.path):
             raise
+        directory = known_shape(cfg.path) or (_config_only(cfg.path) if cfg.allow_download else None)
+        if directory is None:
+            raise UserError(
+                f"model.path={cfg.path}: a dry run plans from the model's config.json, and this id is not on this "
+                f"machine nor one of the shapes the project carries (orchestrator/model_configs/README.md); point "
+                f"model.path at a local directory holding its config.json (no weights needed), or set "
+                f"model.allow_download=true to fetch only its config.json") from None
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     config.update(cfg.config_overrides)
     return config
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    return not (os.path.isabs(path) or path.startswith((".", "~", "builtin:")) or path == BUNDLED_MINILM
+                or os.path.isdir(path))
+
+
+def _config_only(hub_id: str) -> str:
+    """The directory of a hub model's config.json, fetched alone (a dry run needs no weights)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return os.path.dirname(hf_hub_download(hub_id, "config.json"))
+    except Exception as err:
+        raise UserError(f"model.path={hub_id}: fetching its config.json failed ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); check the id, your "
+                        "network and HF_TOKEN, or point model.path at a local directory holding its config.json")
+
+
 def known_shape(hub_id: str) -> Optional[str]:
-    for config_file in BUILTIN_CONFIGS.glob("*/config.json"):
-        if json.loads(config_file.read_text()).get("_hub_id") == hub_id:
+    """The model_configs/ directory whose "_hub_id" (one id or a list) names hub_id, compared case-insensitively
+    as the Hub resolves ids."""
+    for config_file in sorted(BUILTIN_CONFIGS.glob("*/config.json")):
+        ids = json.loads(config_file.read_text()).get("_hub_id") or []
+        if hub_id.lower() in {i.lower() for i in ([ids] if isinstance(ids, str) else ids)}:
             return str(config_file.parent)
     return None
 
