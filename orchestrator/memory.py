@@ -46,7 +46,7 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     gated_mlp: bool = True  # Llama/Qwen SwiGLU (3 matrices) vs BERT/GPT (2)
-    head_dim: Optional[int] = None  # config.json's head_dim where heads x head_dim != hidden (Qwen3, Gemma); None: hidden / heads
+    head_dim: Optional[int] = None  # head_dim (Qwen3, Gemma: heads x head_dim != hidden); None: hidden/heads
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelShape":

@@ -120,6 +120,10 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
 
     candidates = candidates_for(micro)
     strategy = _choose(run.strategy, candidates, resources, workers)
+    if strategy.quantized and use_gpu and workers > 1:
+        one_node = " cluster.nodes=1" if resources.nodes > 1 else ""
+        raise UserError(f"strategy=qlora runs on one GPU and this plan has {workers} workers: set cluster.gpus=1"
+                        f"{one_node} (one worker on one GPU), or strategy=lora to train adapters on every GPU")
     micro_reason = ""
     if auto_micro:
         micro, micro_reason = _largest_micro_batch(strategy, shape, workers, resources, run, fused_loss)
