@@ -4,6 +4,10 @@
     python -m launch.k8s_submit follow NAME [-n NAMESPACE] [--context CONTEXT]   (Ctrl-C only stops following)
     python -m launch.k8s_submit delete NAME [-n NAMESPACE] [--context CONTEXT]
 
+Before the RayJob: its claim (k8s.pvc) is created where it is missing (an existing one is used as it is), and
+its ConfigMap (the run file and local data, launch/rayjob.py) is created, then owned by the RayJob so that
+deleting the RayJob deletes it.
+
 Credentials: the kubeconfig (KUBECONFIG or ~/.kube/config, k8s.context), or the pod's service account when this
 runs inside the cluster. Following reads the RayJob's status (jobDeploymentStatus, jobStatus) every
 k8s.poll_seconds and streams the log of KubeRay's submitter pod (`ray job submit`, which tails the driver's log).
@@ -50,11 +54,24 @@ def connect(context: Optional[str] = None) -> Kube:
 
 
 def submit(manifest: dict, k: KubeConfig, kube: Optional[Kube] = None, out: TextIO = sys.stdout,
-           sleep: Callable[[float], None] = time.sleep) -> dict:
-    """Create the RayJob; with k8s.follow, follow it to its end (Ctrl-C deletes it). Returns its final status."""
+           sleep: Callable[[float], None] = time.sleep, companions: Sequence[dict] = ()) -> dict:
+    """Create the RayJob (after its companions: the claim where missing, the job's ConfigMap); with k8s.follow,
+    follow it to its end (Ctrl-C deletes it). Returns its final status."""
     kube = kube or connect(k.context)
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-    create(kube, manifest)
+    config_maps = [o for o in companions if o["kind"] == "ConfigMap"]
+    for claim in (o for o in companions if o["kind"] == "PersistentVolumeClaim"):
+        ensure_claim(kube, claim, out)
+    for config_map in config_maps:
+        create_config_map(kube, config_map)
+    try:
+        created = create(kube, manifest)
+    except BaseException:
+        for config_map in config_maps:
+            delete_config_map(kube, config_map)
+        raise
+    for config_map in config_maps:
+        own(kube, config_map, created, out)
     out.write(f"created rayjob/{name} in namespace {namespace}\n"
               f"  follow: python -m launch.k8s_submit follow {name} -n {namespace}\n"
               f"  delete: python -m launch.k8s_submit delete {name} -n {namespace}"
@@ -78,6 +95,60 @@ def create(kube: Kube, manifest: dict) -> dict:
         return kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
     except Exception as err:  # kubernetes.client.ApiException, without importing the client for tests
         raise api_error(err, f"creating rayjob/{name} in namespace {namespace}") from None
+
+
+def ensure_claim(kube: Kube, claim: dict, out: TextIO) -> None:
+    """Create the claim where it is missing; an existing one is used as it is (a note where its class differs)."""
+    name, namespace = claim["metadata"]["name"], claim["metadata"]["namespace"]
+    wanted = claim["spec"].get("storageClassName")
+    try:
+        existing = kube.core.read_namespaced_persistent_volume_claim(name, namespace)
+    except Exception as err:
+        if getattr(err, "status", None) != 404:
+            out.write(f"[rayjob] cannot read persistentvolumeclaim/{name} ({getattr(err, 'status', err)}): "
+                      "using it as it is\n")
+            return
+        try:
+            kube.core.create_namespaced_persistent_volume_claim(namespace, claim)
+        except Exception as err:
+            raise api_error(err, f"creating persistentvolumeclaim/{name} in namespace {namespace}") from None
+        out.write(f"created persistentvolumeclaim/{name} ({wanted or 'the default storage class'}, "
+                  f"{claim['spec']['resources']['requests']['storage']}, ReadWriteMany)\n")
+        return
+    spec = getattr(existing, "spec", None)
+    has = getattr(spec, "storage_class_name", None) if spec is not None else None
+    if wanted and has and has != wanted:
+        out.write(f"[rayjob] persistentvolumeclaim/{name} exists with storage class {has}, not k8s.storage_class="
+                  f"{wanted}: it is used as it is\n")
+
+
+def create_config_map(kube: Kube, config_map: dict) -> None:
+    name, namespace = config_map["metadata"]["name"], config_map["metadata"]["namespace"]
+    try:
+        kube.core.create_namespaced_config_map(namespace, config_map)
+    except Exception as err:
+        raise api_error(err, f"creating configmap/{name} in namespace {namespace}") from None
+
+
+def delete_config_map(kube: Kube, config_map: dict) -> None:
+    try:
+        kube.core.delete_namespaced_config_map(config_map["metadata"]["name"], config_map["metadata"]["namespace"])
+    except Exception:
+        pass  # best effort: it is labelled orchestrator/rayjob=<name>
+
+
+def own(kube: Kube, config_map: dict, rayjob: dict, out: TextIO) -> None:
+    """Make the RayJob the ConfigMap's owner, so that Kubernetes deletes it with the RayJob."""
+    uid = (rayjob or {}).get("metadata", {}).get("uid")
+    name, namespace = config_map["metadata"]["name"], config_map["metadata"]["namespace"]
+    if not uid:
+        return
+    owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "name": rayjob["metadata"]["name"], "uid": uid}
+    try:
+        kube.core.patch_namespaced_config_map(name, namespace, {"metadata": {"ownerReferences": [owner]}})
+    except Exception as err:
+        out.write(f"[rayjob] configmap/{name} is not owned by the RayJob ({getattr(err, 'status', err)}): delete "
+                  f"it yourself afterwards (kubectl delete configmap -n {namespace} {name})\n")
 
 
 def get(kube: Kube, namespace: str, name: str) -> dict:

@@ -1,5 +1,8 @@
-"""launcher=rayjob: the rendered RayJob is valid for the KubeRay v1 CRD, carries the plan and the user's overrides,
-matches k8s/base and the overlays, holds no secret; the Kubernetes client calls (create, poll, logs, delete)."""
+"""launcher=rayjob: the rendered RayJob is valid for the KubeRay v1 CRD (vendored: tests/schemas/), its pod templates,
+claim and ConfigMap for the Kubernetes OpenAPI schemas (from the kubernetes client's models: tests/k8s_openapi.py);
+it carries the plan and the composed config (a run file in its ConfigMap, with small local data), is sized by the
+plan, matches k8s/base and the overlays, holds no secret, renders without downloading; the Kubernetes client
+calls (claim, ConfigMap, create, poll, logs, delete)."""
 
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import yaml
 from launch import k8s_submit, rayjob
 from orchestrator.config import config_dict
 from orchestrator.errors import UserError
+from tests import k8s_openapi
 from tests.conftest import ROOT, compose_run
 
-CRD = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
+CRD_SCHEMA = k8s_openapi.RAYJOB_SCHEMA  # KubeRay's RayJob CRD, v1, vendored (tests/schemas/README.md)
 SIZED = ["cluster.nodes=2", "cluster.gpus=8", "cluster.gpu_memory_gb=80"]
 POOLS = sorted(p.parent.name for p in (ROOT / "k8s" / "overlays").glob("*/rayjob-patch.yaml"))
 
@@ -45,13 +49,9 @@ def strict(schema):
 
 @pytest.fixture(scope="module")
 def validator():
-    if not CRD.is_file():
-        pytest.skip(f"the KubeRay RayJob CRD is not at {CRD} (shared/kuberay/ beside the repository)")
     import jsonschema
 
-    crd = yaml.load(CRD.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(strict(schema))
+    return jsonschema.Draft7Validator(strict(json.loads(CRD_SCHEMA.read_text(encoding="utf-8"))))
 
 
 def kuberay_rules(job: dict) -> list:
@@ -83,6 +83,15 @@ def assert_valid(job: dict, validator) -> None:
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(job)]
     assert not errors, "\n".join(errors)
     assert not kuberay_rules(job)
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:  # as the API server reads the pods
+        errors = k8s_openapi.errors(group["template"], "PodTemplateSpec")
+        assert not errors, "\n".join(errors)
+
+
+def assert_core_valid(obj: dict) -> None:
+    errors = k8s_openapi.errors(obj, obj["kind"])
+    assert not errors, "\n".join(errors)
 
 
 def test_the_validator_catches_unknown_fields_and_bad_values(tmp_path, validator):
@@ -106,6 +115,14 @@ def rendered(overrides, tmp_path, name="test-job"):
     run = compose_run(overrides, tmp_path)
     plan, resources = rayjob.plan_for_cluster(run)
     return rayjob.render(run, plan, resources, overrides, name), plan, run
+
+
+def rendered_all(overrides, tmp_path, name="test-job"):
+    """{kind: object} of everything launcher=rayjob creates (claim, ConfigMap, RayJob), and the run."""
+    overrides = [*overrides, "launcher=rayjob"]
+    run = compose_run(overrides, tmp_path)
+    plan, resources = rayjob.plan_for_cluster(run)
+    return {o["kind"]: o for o in rayjob.render_all(run, plan, resources, overrides, name)}, run
 
 
 def worker_group(job):
@@ -152,27 +169,111 @@ def test_rendered_rayjob_is_valid_and_sized_by_the_plan(case, tmp_path, validato
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing trains there
 
 
-def test_entrypoint_is_the_same_command_inside_the_cluster(tmp_path):
-    overrides = ["+experiment=legal_full", *SIZED, "optim.lr=2e-5", "peft.target_modules=[q_proj,v_proj]",
-                 "k8s.node_pool=h100", "dry_run=true", "cluster.address=ray://elsewhere:10001"]
-    job, plan, run = rendered(overrides, tmp_path)
-    words = shlex.split(job["spec"]["entrypoint"])
-    assert words[:3] == ["python", "-m", "orchestrator"]
-    args = words[3:]
-    assert {"+experiment=legal_full", "optim.lr=2e-5", "peft.target_modules=[q_proj,v_proj]"} <= set(args)
-    assert not [a for a in args if a.startswith(("launcher=", "dry_run=", "k8s.", "cluster.address=ray"))]
-    assert "cluster.address=auto" in args
-    assert "hydra.run.dir=/mnt/runs/legal_full/test-job" in args
+def composed_in_the_pod(objects, tmp_path):
+    """The config the pod composes: the ConfigMap's run file (written where it is mounted) + the entrypoint."""
+    from orchestrator.runfile import expand
 
-    # composed again from the entrypoint (as the pod does), the config and the plan are the same
-    inner = compose_run([a for a in args if not a.startswith("hydra.")], tmp_path / "inner")
-    outer_config, inner_config = config_dict(run), config_dict(inner)
+    words = shlex.split(objects["RayJob"]["spec"]["entrypoint"])
+    assert words[:7] == ["python", "-m", "orchestrator", "--config", f"{rayjob.JOB_MOUNT}/run.yaml", "~model",
+                         "~data"]
+    run_file = tmp_path / "mounted" / "run.yaml"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_text(objects["ConfigMap"]["data"]["run.yaml"])
+    args = expand(str(run_file), words[5:])
+    return compose_run([a for a in args if not a.startswith("hydra.")], tmp_path / "inner"), words[5:]
+
+
+def comparable(run):
+    config = config_dict(run)
     for key in ("launcher", "dry_run", "k8s", "run_dir"):
-        outer_config.pop(key), inner_config.pop(key)
-    outer_config["cluster"]["address"] = "auto"
-    assert inner_config == outer_config
+        config.pop(key)
+    config["cluster"]["address"] = "auto"
+    return config
+
+
+def test_the_pods_compose_the_same_config_and_plan_from_the_run_file(tmp_path):
+    overrides = ["+experiment=legal_full", *SIZED, "optim.lr=2e-5", "peft.target_modules=[q_proj,v_proj]",
+                 "k8s.node_pool=h100", "dry_run=true", "cluster.address=ray://elsewhere:10001",
+                 "+model.config_overrides.max_position_embeddings=4096", "data.chat_template='{{ x }}: \\'quoted\\''"]
+    objects, run = rendered_all(overrides, tmp_path)
+    inner, args = composed_in_the_pod(objects, tmp_path)
+    assert "cluster.address=auto" in args and "hydra.run.dir=/mnt/runs/legal_full/test-job" in args
+    assert not [a for a in args if a.startswith(("+experiment", "launcher=", "dry_run=", "k8s.", "cluster.address=ray"))]
+    assert comparable(inner) == comparable(run)
     inner_plan, _ = rayjob.plan_for_cluster(inner)
+    plan, _ = rayjob.plan_for_cluster(run)
     assert inner_plan == plan
+    assert_core_valid(objects["ConfigMap"])
+    volume = next(v for v in pods(objects["RayJob"])[0]["volumes"] if v["name"] == "job")
+    assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"] == "test-job-job"
+
+
+def test_an_experiment_from_the_users_own_config_dir_travels_as_values(tmp_path):
+    """+experiment=NAME from a directory of the user's (hydra.searchpath): the pods have no such file; the run
+    file holds its values, and composes without it."""
+    conf = tmp_path / "my_conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("# @package _global_\nname: mine\ndefaults:\n  - override /model: tiny_llama\n"
+                                    "  - override /data: legal_instructions\ntrainer: {max_steps: 7}\noptim: {lr: 3.0e-4}\n")
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "+experiment=mine", "cluster.gpus=0"]
+    objects, run = rendered_all(overrides, tmp_path)
+    assert run.name == "mine" and run.trainer.max_steps == 7
+    assert "experiment" not in objects["RayJob"]["spec"]["entrypoint"]
+    inner, _ = composed_in_the_pod(objects, tmp_path)  # composed from our hydra_conf alone
+    assert comparable(inner) == comparable(run)
+    assert_valid(objects["RayJob"], jsonschema_validator())
+
+
+def jsonschema_validator():
+    import jsonschema
+
+    return jsonschema.Draft7Validator(strict(json.loads(CRD_SCHEMA.read_text(encoding="utf-8"))))
+
+
+def test_local_data_is_shipped_in_the_configmap_or_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = "".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n" for i in range(40))
+    (tmp_path / "mine.jsonl").write_text(rows)
+    folder = tmp_path / "mine_dir"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(rows)
+    (folder / "validation.jsonl").write_text("".join(rows.splitlines(True)[:10]))
+    (tmp_path / "general.txt").write_text("some general text\n" * 20)
+    overrides = ["+experiment=legal_full", *SIZED, "data.path=mine.jsonl", f"data.reference_path={tmp_path}/general.txt"]
+    objects, run = rendered_all(overrides, tmp_path)
+    cm, job = objects["ConfigMap"], objects["RayJob"]
+    assert_core_valid(cm)
+    shipped = yaml.safe_load(cm["data"]["run.yaml"])["data"]
+    assert shipped["path"] == f"{rayjob.JOB_MOUNT}/data/0/mine.jsonl"
+    assert shipped["reference_path"] == f"{rayjob.JOB_MOUNT}/data/1/general.txt"
+    items = {i["path"]: i["key"] for i in next(v for v in pods(job)[1]["volumes"] if v["name"] == "job")["configMap"]["items"]}
+    assert cm["data"][items["data/0/mine.jsonl"]] == rows
+    assert cm["data"][items["data/1/general.txt"]].startswith("some general text")
+    for pod in pods(job):  # head (driver) and workers read it at the same path
+        assert {"name": "job", "mountPath": rayjob.JOB_MOUNT, "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED, "data.path=mine_dir"], tmp_path)  # a directory
+    items = [i["path"] for i in next(v for v in pods(objects["RayJob"])[0]["volumes"]
+                                     if v["name"] == "job")["configMap"]["items"]]
+    assert items == ["run.yaml", "data/0/train.jsonl", "data/0/validation.jsonl"]
+    assert yaml.safe_load(objects["ConfigMap"]["data"]["run.yaml"])["data"]["path"] == f"{rayjob.JOB_MOUNT}/data/0"
+    # anything that is not UTF-8 text goes in binaryData
+    files = rayjob.JobFiles("name: x\n", [("data0-0-blob.bin", "data/0/blob.bin", bytes(range(256)))])
+    cm = rayjob.config_map(run.k8s, "test-job", files)
+    assert_core_valid(cm)
+    import base64
+    assert base64.b64decode(cm["binaryData"]["data0-0-blob.bin"]) == bytes(range(256))
+
+    # a path on the claim is the pods' own: unchanged, nothing shipped
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED, "data.path=/mnt/runs/data/train.jsonl"], tmp_path)
+    assert yaml.safe_load(objects["ConfigMap"]["data"]["run.yaml"])["data"]["path"] == "/mnt/runs/data/train.jsonl"
+    assert list(objects["ConfigMap"]["data"]) == ["run.yaml"]
+
+    (tmp_path / "big.jsonl").write_text(rows * 700)  # ~1.4 MB
+    with pytest.raises(UserError, match=r"^data.path=big.jsonl is on this machine only \(1\.\d MiB with the other "
+                                        r"local data\), more than a RayJob carries with it \(1 MiB in all: its "
+                                        r"ConfigMap\); copy it onto the claim \(kubectl cp into a pod that mounts "
+                                        r"orchestrator-runs, e.g. to /mnt/runs/data/big.jsonl\) and set data.path"):
+        rendered_all(["+experiment=legal_full", *SIZED, "data.path=big.jsonl"], tmp_path)
 
 
 def test_runtime_env_and_storage(tmp_path):
@@ -271,10 +372,15 @@ def base_docs():
 
 
 def test_base_is_what_the_renderer_makes_from_the_defaults(tmp_path, validator):
+    """Less the job's ConfigMap: the base composes legal_full from the image's configs (kubectl apply -k)."""
     (base,) = base_docs()
     assert_valid(base, validator)
-    job, _, _ = rendered(BASE_OVERRIDES, tmp_path, name="legal-full")
+    job, _, run = rendered(BASE_OVERRIDES, tmp_path, name="legal-full")
     del job["metadata"]["namespace"]
+    for pod in pods(job):
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "job"]
+        pod["containers"][0]["volumeMounts"] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] != "job"]
+    job["spec"]["entrypoint"] = rayjob.overrides_entrypoint(run, [*BASE_OVERRIDES, "launcher=rayjob"], "legal-full")
     job["spec"]["rayClusterSpec"]["rayVersion"] = base["spec"]["rayClusterSpec"]["rayVersion"]  # the Ray installed
     assert job == base, "k8s/base/rayjob.yaml and launch/rayjob.py (or KubeConfig's defaults) disagree"
 
@@ -307,9 +413,12 @@ def test_cli_dry_run_prints_the_manifest_and_no_secret(tmp_path):
          "k8s.node_pool=h100", "k8s.wandb_secret=my-wandb", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, **planted})
     assert result.returncode == 0, result.stderr
-    manifest = yaml.safe_load(result.stdout)  # stdout is the manifest alone (the plan went to stderr)
-    assert manifest == yaml.safe_load((run_dir / "rayjob.yaml").read_text())
+    docs = list(yaml.safe_load_all(result.stdout))  # stdout is the manifests alone (the plan went to stderr)
+    assert docs == list(yaml.safe_load_all((run_dir / "rayjob.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "ConfigMap", "RayJob"]
+    manifest = docs[-1]
     assert "strategy=full" in result.stderr
+    assert "k8s.image=orchestrator:0.1.0 names no registry" in result.stderr
     assert json.loads((run_dir / "plan.json").read_text())["num_workers"] == 16
     assert "launcher=rayjob" not in manifest["spec"]["entrypoint"]
     refs = [e["valueFrom"]["secretKeyRef"]["name"] for pod in pods(manifest) for e in pod["containers"][0]["env"]]
@@ -495,4 +604,145 @@ def test_launcher_rayjob_submits_the_rendered_manifest(tmp_path, monkeypatch):
     assert result["jobStatus"] == "SUCCEEDED"
     body = kube.custom.create_namespaced_custom_object.call_args.args[4]
     assert body["metadata"] == {**body["metadata"], "name": "demo-1", "namespace": "ml"}
-    assert yaml.safe_load((tmp_path / "rayjob.yaml").read_text()) == body
+    docs = list(yaml.safe_load_all((tmp_path / "rayjob.yaml").read_text()))
+    assert docs[-1] == body
+    assert kube.core.create_namespaced_config_map.call_args.args == ("ml", docs[1])
+
+
+def test_submit_creates_the_claim_where_missing_and_the_configmap_owned_by_the_rayjob(tmp_path):
+    objects, _ = rendered_all(["+experiment=legal_demo", "cluster.gpus=0", "k8s.namespace=ml",
+                               "k8s.storage_class=efs-sc"], tmp_path, name="job-1")
+    claim, cm, job = objects["PersistentVolumeClaim"], objects["ConfigMap"], objects["RayJob"]
+    kube = fake_kube([])
+    kube.core.read_namespaced_persistent_volume_claim.side_effect = api_exception(404)
+    kube.custom.create_namespaced_custom_object.side_effect = lambda g, v, ns, pl, body: {
+        **body, "metadata": {**body["metadata"], "uid": "u-1"}}
+    out = io.StringIO()
+    k8s_submit.submit(job, kube_config(follow=False), kube=kube, out=out, companions=[claim, cm])
+    kube.core.create_namespaced_persistent_volume_claim.assert_called_once_with("ml", claim)
+    kube.core.create_namespaced_config_map.assert_called_once_with("ml", cm)
+    kube.core.patch_namespaced_config_map.assert_called_once_with("job-1-job", "ml", {"metadata": {"ownerReferences": [
+        {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": "job-1", "uid": "u-1"}]}})
+    assert "created persistentvolumeclaim/orchestrator-runs (efs-sc, 1Ti, ReadWriteMany)" in out.getvalue()
+
+    kube = fake_kube([])  # an existing claim is used as it is; a RayJob refused takes its ConfigMap with it
+    kube.custom.create_namespaced_custom_object.side_effect = api_exception(409)
+    with pytest.raises(UserError, match="already exists"):
+        k8s_submit.submit(job, kube_config(follow=False), kube=kube, out=io.StringIO(), companions=[claim, cm])
+    kube.core.create_namespaced_persistent_volume_claim.assert_not_called()
+    kube.core.delete_namespaced_config_map.assert_called_once_with("job-1-job", "ml")
+
+
+# ---------------------------------------------------------------- sizes, node pools, the claim
+
+def pod_size(job):
+    requests = worker(job)["resources"]["requests"]
+    assert requests == {k: v for k, v in worker(job)["resources"]["limits"].items() if k != "nvidia.com/gpu"}
+    return requests["cpu"], requests["memory"]
+
+
+SIZES = {
+    "per_gpu_default": (["+experiment=legal_full", *SIZED], ("64", "256Gi")),
+    "per_gpu_set": (["+experiment=legal_full", *SIZED, "k8s.cpu_per_gpu=4", "k8s.memory_per_gpu_gb=48"],
+                    ("32", "384Gi")),
+    "h100_whole_node": (["+experiment=legal_full", *SIZED, "k8s.node_pool=h100"], ("88", "1400Gi")),
+    "h100_half_node": (["+experiment=legal_full", "cluster.nodes=2", "cluster.gpus=4", "cluster.gpu_memory_gb=80",
+                        "k8s.node_pool=h100"], ("44", "700Gi")),
+    # ZeRO-3 offload of an 8B model on one node: 8.03e9 x 18 bytes = 135 GiB x 1.25 headroom on top of 8 x 32
+    "offload": (["+experiment=legal_full", "cluster.gpus=8", "cluster.gpu_memory_gb=80", "strategy=full_offload"],
+                ("64", "425Gi")),
+    "offload_two_nodes": (["+experiment=legal_full", *SIZED, "strategy=full_offload"], ("64", "341Gi")),
+    "cpu_workers": (["+experiment=legal_demo", "cluster.gpus=0"], ("8", "32Gi")),
+    "explicit": (["+experiment=legal_full", *SIZED, "k8s.worker_cpu=90", "k8s.worker_memory=1Ti"], ("90", "1Ti")),
+}
+
+
+@pytest.mark.parametrize("case", list(SIZES))
+def test_worker_pods_are_sized_by_the_plan(case, tmp_path, validator):
+    overrides, size = SIZES[case]
+    job, plan, _ = rendered(overrides, tmp_path)
+    assert_valid(job, validator)
+    assert pod_size(job) == size
+    if "offload" in case:
+        assert plan.offload
+
+
+def test_an_offload_plan_larger_than_the_pools_nodes_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"^the worker pods need \d+ GiB of host memory each \(full_offload, \d+ GiB "
+                                        r"of it offloaded optimizer state\), more than the h100 pool's 1400 GiB per "
+                                        r"node: use more nodes"):
+        rendered(["+experiment=legal_full", "model.path=meta-llama/Llama-3.1-70B-Instruct", "cluster.gpus=8",
+                  "cluster.gpu_memory_gb=80", "strategy=full_offload", "k8s.node_pool=h100"], tmp_path)
+
+
+def test_gpu_pods_tolerate_the_gpu_taint_and_take_a_node_selector(tmp_path, validator):
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED,
+                          "+k8s.node_selector={node.kubernetes.io/instance-type:p5.48xlarge}"], tmp_path)
+    assert_valid(job, validator)
+    pod = worker_group(job)["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    job, _, _ = rendered(["+experiment=legal_full", *SIZED, "k8s.node_pool=h100",
+                          "+k8s.node_selector={topology.kubernetes.io/zone:us-east-1a}"], tmp_path)
+    pod = worker_group(job)["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                   "topology.kubernetes.io/zone": "us-east-1a"}
+    assert len(pod["tolerations"]) == 1
+    job, _, _ = rendered(["+experiment=legal_demo", "cluster.gpus=0"], tmp_path)
+    assert "tolerations" not in worker_group(job)["template"]["spec"]
+
+
+def test_the_claim_is_rendered_with_its_storage_class(tmp_path):
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED, "k8s.storage_class=efs-sc", "k8s.pvc_size=500Gi",
+                               "k8s.pvc=team-runs"], tmp_path)
+    claim = objects["PersistentVolumeClaim"]
+    assert_core_valid(claim)
+    assert claim["metadata"]["name"] == "team-runs" and claim["spec"]["storageClassName"] == "efs-sc"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "500Gi"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED], tmp_path)  # the defaults: k8s/base/pvc.yaml
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "pvc.yaml").read_text())
+    assert objects["PersistentVolumeClaim"] == {**base, "metadata": {**base["metadata"], "namespace": "default"}}
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED, "k8s.pvc=null", "k8s.storage_uri=s3://b/r"], tmp_path)
+    assert "PersistentVolumeClaim" not in objects
+    with pytest.raises(UserError, match="k8s.storage_class=EFS_sc is not allowed"):
+        rendered(["+experiment=legal_full", *SIZED, "k8s.storage_class=EFS_sc"], tmp_path)
+
+
+def test_core_objects_of_k8s_base_are_valid():
+    for path in ("rbac.yaml", "pvc.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "k8s" / "base" / path).read_text()):
+            assert_core_valid(doc)
+    bad = yaml.safe_load((ROOT / "k8s" / "base" / "pvc.yaml").read_text())
+    bad["spec"]["accessMode"] = ["ReadWriteMany"]
+    bad["spec"]["resources"]["requests"]["storage"] = "a lot"
+    messages = "\n".join(k8s_openapi.errors(bad, "PersistentVolumeClaim"))
+    assert "'accessMode' was unexpected" in messages and "'a lot' is not valid" in messages
+
+
+def test_rendering_downloads_nothing(tmp_path, monkeypatch):
+    """The k8s README's dry run (model.allow_download=true, a hub id): planned from the shape the project carries;
+    the Hugging Face cache is only looked in, nothing is fetched (no weights, no tokenizer)."""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+
+    def snapshot(*args, **kwargs):
+        calls.append(("snapshot_download", args, kwargs))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache") if kwargs.get(
+            "local_files_only") else AssertionError(f"a download: snapshot_download{args}")
+
+    def fetch(*args, **kwargs):
+        raise AssertionError(f"a download: hf_hub_download{args}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fetch)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fetch)
+    objects, run = rendered_all(["+experiment=legal_full", *SIZED, "model.allow_download=true", "k8s.node_pool=h100",
+                                 "strategy=full_offload"], tmp_path)
+    assert run.model.allow_download and objects["RayJob"]
+    assert all(kwargs.get("local_files_only") for _, _, kwargs in calls)
+    # the pods download it: model.allow_download travels in the run file
+    assert yaml.safe_load(objects["ConfigMap"]["data"]["run.yaml"])["model"]["allow_download"] is True
