@@ -31,6 +31,10 @@ def route(argv: Sequence[str]) -> List[str]:
 
     runfile.ACTIVE.update(file=None, lines={})
     args = list(argv)
+    if any(a.lstrip("+").startswith("data.columns=") for a in args):  # text=sentence,label=category as typed
+        from orchestrator.data.sources import quote_columns_override
+
+        args = [quote_columns_override(a) for a in args]
     if args and args[0] in COMMANDS:
         sys.exit(run_command(args[0], args[1:]))
     if args and args[0] == "train":

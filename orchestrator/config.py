@@ -162,14 +162,16 @@ class ModelConfig:
 class MixEntry:
     """One dataset of data.mix: its share of every global batch is weight / (sum of the weights)."""
 
-    path: str = "???"  # as data.path: JSONL/CSV file, directory or sample:<name>
+    path: str = "???"  # as data.path: a file, directory, sample:<name>, dataset id or registry name
     weight: float = 1.0  # relative share of the training rows (> 0)
     validation_path: Optional[str] = None  # as data.validation_path
 
 
 @dataclass
 class DataConfig:
-    path: str = "sample:legal_clauses"  # JSONL/CSV file, a directory with train/validation files, or sample:<name>
+    # a JSONL/CSV/Parquet file, a directory with train/validation files, sample:<name>, a datasets.save_to_disk
+    # directory, a Hugging Face dataset id (from the local datasets cache), or a name in a datasets.yaml registry
+    path: str = "sample:legal_clauses"
     mix: Optional[List[MixEntry]] = None  # several datasets of one task, drawn by weight; replaces path when set
     reference_path: Optional[str] = None  # causal LM: general text whose loss before/after shows forgetting
     packing: bool = False  # causal LM: pack training examples into rows of up to max_length tokens (no cross-attention)
@@ -182,6 +184,16 @@ class DataConfig:
     chat_template: str = "auto"  # chat rows: "auto" (the tokenizer's own template, else chatml), "chatml", or Jinja
     cache: bool = True  # keep tokenized data on disk, keyed by content + tokenizer + settings; reruns skip tokenizing
     cache_dir: Optional[str] = None  # None = $ORCHESTRATOR_CACHE_DIR, else ~/.cache/orchestrator/tokenized
+    # Hugging Face datasets (hub ids and save_to_disk directories; orchestrator/data/sources.py):
+    split: Optional[str] = None  # the split trained on; null = train (or the dataset's only split)
+    validation_split: Optional[str] = None  # null = validation/valid/val/dev if the dataset has one, else held out
+    subset: Optional[str] = None  # the dataset's configuration (load_dataset's second argument), e.g. sst2 of glue
+    # our field names → the dataset's columns (any source): {text: sentence, label: category} or
+    # "text=sentence,label=category"; fields: text, label, instruction, input, output, messages, conversations
+    columns: Any = None
+    registry: Optional[str] = None  # a datasets.yaml of names (also read: next to the run file, ./, the bundled one)
+    allow_download: bool = False  # download a hub id that is not in the local datasets cache (else an error)
+    hub_cache: Optional[str] = None  # the datasets cache; null = $HF_DATASETS_CACHE, else $HF_HOME/datasets
 
 
 @dataclass
@@ -399,6 +411,7 @@ def validate(run: RunConfig) -> None:
            run.cluster.gpu_fraction, "a number in (0, 1], or null for a whole GPU")
     validate_k8s(run.k8s)
     validate_mix(d)
+    validate_data_source(d)
     _check(d.reference_path is None or m.task is Task.causal_lm, "data.reference_path", d.reference_path,
            "null for model.task=classification (the forgetting check measures language-model loss on text)")
     _check(not d.packing or m.task is Task.causal_lm, "data.packing", d.packing,
@@ -449,6 +462,40 @@ def validate_mix(d: DataConfig) -> None:
                "a JSONL/CSV file, a directory or sample:<name>")
         _check(math.isfinite(entry.weight) and entry.weight > 0, f"data.mix[{i}].weight", entry.weight,
                "a number > 0 (its relative share of the training rows)")
+
+
+# data.columns: the fields the readers know (orchestrator/data/formats.py), each mapped to a dataset's column
+DATA_FIELDS = ("text", "label", "instruction", "input", "output", "messages", "conversations")
+
+
+def data_columns(value: Any, key: str = "data.columns") -> Dict[str, str]:
+    """data.columns as a dict, our field → the dataset's column: a mapping, or the command line's string
+    "text=sentence,label=category" (also "text:sentence"). Unknown field names are refused."""
+    allowed = f"a mapping of our fields ({', '.join(DATA_FIELDS)}) to the dataset's columns, as " \
+              "{text: sentence, label: category} or 'text=sentence,label=category'"
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        pairs = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            ours, sep, theirs = item.replace(":", "=", 1).partition("=")
+            _check(bool(sep and ours.strip() and theirs.strip()), key, value, allowed)
+            pairs[ours.strip()] = theirs.strip()
+        value = pairs
+    _check(isinstance(value, dict) and all(isinstance(v, str) and v.strip() for v in value.values()), key, value,
+           allowed)
+    for ours in value:
+        _check(ours in DATA_FIELDS, f"{key}.{ours}", value[ours], f"a column for one of our fields: "
+               f"{', '.join(DATA_FIELDS)} (the key is our field, the value the dataset's column)")
+    return {str(k): str(v).strip() for k, v in value.items()}
+
+
+def validate_data_source(d: DataConfig) -> None:
+    """data.columns parses; the split names are not blank."""
+    data_columns(d.columns)
+    for key in ("split", "validation_split", "subset", "registry", "hub_cache"):
+        value = getattr(d, key)
+        _check(value is None or bool(str(value).strip()), f"data.{key}", value, "a name, or null")
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")  # a Kubernetes quantity

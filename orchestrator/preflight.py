@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Callable, Optional
 
+from rich.markup import escape
+
 from orchestrator import console
 from orchestrator.config import Overlong, RunConfig, absolute_path
 from orchestrator.errors import UserError
@@ -68,13 +70,15 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     shape_only: a well-known hub id that is not on this machine is planned from the shape the project carries.
     model_config: the model's config.json as the caller has read it already; else read here.
     """
-    from orchestrator.data import read_data
+    from orchestrator.data import origin_note, read_data
+    from orchestrator.data.sources import pin_sources
     from orchestrator.model import check_adapter_targets, check_freeze_depth, check_model_config, read_model_config
     from orchestrator.plan import describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"
     if runs_here:
         make_paths_absolute(run, os.getcwd())
+        pin_sources(run.data)  # dataset names resolved here; the workers get the registry and cache it used
     if model_config is None:
         model_config = read_model_config(run.model, shape_only=shape_only)  # fails fast on a missing model
     if check_freeze:
@@ -83,6 +87,8 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     raw = None
     if data is DataCheck.read or (data is DataCheck.where_present and data_on_this_machine(run)):
         raw = read_data(run.data, run.model.task, run.trainer.seed)
+        if origin_note(raw):  # a dataset by name: where its rows came from
+            console.note(escape(origin_note(raw)))
         console.data_summary(raw)
     elif data is DataCheck.where_present:
         console.note(f"data.path={run.data.path} is not on this machine: the job reads it in the cluster")
@@ -150,8 +156,9 @@ def make_paths_absolute(run: RunConfig, base: str) -> None:
 
 
 def data_on_this_machine(run: RunConfig) -> bool:
-    paths = (run.data.path, run.data.validation_path)
-    return all(p is None or p.startswith("sample:") or os.path.exists(p) for p in paths)
+    from orchestrator.data.sources import on_this_machine
+
+    return on_this_machine(run.data)  # a path here, a sample, a registry name, or a hub id in the local cache
 
 
 def check_encoded(run: RunConfig, raw) -> int:

@@ -28,7 +28,8 @@ from orchestrator.data.formats import (
     encode_text,
     label_names,
 )
-from orchestrator.data.readers import Row, read_reference, read_splits, resolve_dataset_files
+from orchestrator.data.readers import Row, read_reference
+from orchestrator.data.sources import read_source, resolve
 from orchestrator.errors import UserError
 
 
@@ -45,6 +46,8 @@ class RawData:
     weight: float = 1.0  # data.mix: relative share of the training rows
     parts: List["RawData"] = field(default_factory=list)  # data.mix: the datasets, in order (else empty)
     reference: List[Row] = field(default_factory=list)  # data.reference_path: general text (forgetting check)
+    origin: str = ""  # where the rows came from (the file, the save_to_disk directory, the cache; the registry)
+    source: str = ""  # what data.path named: sample, file, directory, saved, hub, or registry (a name in one)
 
 
 @dataclass
@@ -76,29 +79,34 @@ def read_data(cfg: DataConfig, task: Task, seed: int) -> RawData:
 
 
 def read_dataset(cfg: DataConfig, task: Task, seed: int, key: str = "data.path") -> RawData:
-    train, validation = read_splits(cfg.path, cfg.validation_path, cfg.validation_fraction, seed)
+    """One dataset's rows (data.path in any of its forms: orchestrator/data/sources.py), checked for format."""
+    given = cfg.path  # as the user wrote it (errors name it)
+    source = resolve(cfg, key)
+    rows = read_source(source, seed, key)
+    train, validation = rows.train, rows.validation
+    cfg = source.cfg  # a registry entry's format, split and columns merged in
     fmt = detect_format(train, cfg.format)
     if FORMAT_TASK[fmt] is not task:
         # a CSV file's format comes from its header: say so (a misnamed column is the usual cause)
         origin = f" (by the columns of its header, {train[0].header}: {sorted(train[0].fields)})" \
             if train[0].header and cfg.format is DataFormat.auto else ""
-        raise UserError(f"{key}={cfg.path} holds {fmt.value} data{origin}, which needs model.task="
+        raise UserError(f"{key}={given} holds {fmt.value} data{origin}, which needs model.task="
                         f"{FORMAT_TASK[fmt].value}, but model.task={task.value}")
     check_rows(train, fmt)
     check_rows(validation, fmt)
     if cfg.max_validation_rows is not None:
         validation = validation[: cfg.max_validation_rows]
     if not validation:
-        raise UserError(f"{key}={cfg.path}: the validation set is empty (data.max_validation_rows="
+        raise UserError(f"{key}={given}: the validation set is empty (data.max_validation_rows="
                         f"{cfg.max_validation_rows}); every run evaluates on validation rows: give some")
     labels = None
     if fmt is DataFormat.classification:
-        automatic = resolve_dataset_files(cfg.path, cfg.validation_path)[1] is None
-        labels = label_names(train, validation, held_out=automatic)
+        labels = label_names(train, validation, held_out=rows.held_out)
         if len(labels) < 2:  # every prediction would be right: a meaningless model with perfect scores
-            raise UserError(f"{key}={cfg.path}: every training row has the label {labels[0]!r}; a classifier "
+            raise UserError(f"{key}={given}: every training row has the label {labels[0]!r}; a classifier "
                             "needs rows of at least two classes (with one, it learns nothing and scores perfectly)")
-    return RawData(fmt, train, validation, labels, cfg, name=dataset_name(cfg.path))
+    return RawData(fmt, train, validation, labels, cfg, name=source.name or dataset_name(source.location),
+                   origin=rows.origin, source="registry" if source.registry else source.kind)
 
 
 def read_mix(cfg: DataConfig, task: Task, seed: int) -> RawData:
@@ -118,6 +126,18 @@ def read_mix(cfg: DataConfig, task: Task, seed: int) -> RawData:
     unique_names(parts)
     return RawData(parts[0].format, [r for p in parts for r in p.train], [r for p in parts for r in p.validation],
                    parts[0].labels, cfg, name="mix", parts=parts)
+
+
+def origin_note(raw: RawData) -> str:
+    """"data from: ..." for the data report where data.path was a name (a registry's, a hub id) or a Hugging Face
+    dataset directory; empty where every dataset is a file, directory or sample given by its path (the command
+    line says it already)."""
+    parts = raw.parts or [raw]
+    if all(p.source in ("sample", "file", "directory") for p in parts):
+        return ""
+    if not raw.parts:
+        return f"data from: {raw.origin}"
+    return "data from:\n" + "\n".join(f"  {p.name}: {p.origin}" for p in parts)
 
 
 def dataset_name(path: str) -> str:

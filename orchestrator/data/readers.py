@@ -1,4 +1,5 @@
-"""Read rows from JSONL or CSV files; find the train/validation files of a dataset path.
+"""Read rows from JSONL, CSV or Parquet files; find the train/validation files of a dataset path.
+(Hugging Face datasets, registry names and the choice among them: sources.py.)
 
 Every row keeps its origin ("file:line") so that a bad row can be named in the error.
 """
@@ -18,7 +19,7 @@ from orchestrator.errors import UserError
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 _TRAIN_NAMES = ("train",)
 _VALIDATION_NAMES = ("validation", "valid", "val", "dev")
-_EXTENSIONS = (".jsonl", ".json", ".csv")
+_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass
@@ -29,12 +30,14 @@ class Row:
 
 
 def read_rows(path: str) -> List[Row]:
-    """All rows of a .jsonl/.json (one object per line) or .csv file (header row names the fields)."""
+    """All rows of a .jsonl/.json (one object per line), .csv (header row names the fields) or .parquet file."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist: check data.path / data.validation_path")
     suffix = Path(path).suffix.lower()
     if suffix not in _EXTENSIONS:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(_EXTENSIONS)}")
+    if suffix == ".parquet":
+        return _read_parquet(path)
     try:
         # utf-8-sig: a byte-order mark (as spreadsheet programs write one) is not part of the first field's name
         with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -64,6 +67,18 @@ def _read_jsonl(handle, path: str) -> List[Row]:
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(fields).__name__}{advice}")
         rows.append(Row(fields, f"{path}:{number}"))
     return rows
+
+
+def _read_parquet(path: str) -> List[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's ArrowInvalid and OSError on a file that is not Parquet
+        raise UserError(f"{path}: not a readable Parquet file ({type(err).__name__}: {str(err).splitlines()[0]})")
+    if not records:
+        raise UserError(f"{path}: the file has no rows")
+    return [Row(fields, f"{path}:row {i + 1}") for i, fields in enumerate(records)]
 
 
 def _read_csv(handle, path: str) -> List[Row]:
@@ -99,10 +114,12 @@ def resolve_dataset_files(path: str, validation_path: Optional[str]) -> Tuple[st
     if os.path.isdir(path):
         train = _find(path, _TRAIN_NAMES)
         if train is None:
-            raise UserError(f"data.path={path}: the directory has no train.jsonl or train.csv")
+            raise UserError(f"data.path={path}: the directory has no train.jsonl or train.csv (nor "
+                            "train.parquet), and is not a datasets.save_to_disk directory")
         return train, validation_path or _find(path, _VALIDATION_NAMES)
     if not os.path.exists(path):
-        raise UserError(f"data.path={path} does not exist: give a JSONL/CSV file, a directory or sample:<name>")
+        raise UserError(f"data.path={path} does not exist: give a JSONL/CSV/Parquet file, a directory, "
+                        "sample:<name>, a Hugging Face dataset id or a name in datasets.yaml")
     return path, validation_path
 
 
@@ -144,6 +161,11 @@ def read_splits(path: str, validation_path: Optional[str], validation_fraction: 
     train = read_rows(train_file)
     if validation_file is not None:
         return train, read_rows(validation_file)
+    return hold_out(train, validation_fraction, seed, path)
+
+
+def hold_out(train: List[Row], validation_fraction: float, seed: int, path: str) -> Tuple[List[Row], List[Row]]:
+    """(train, validation): a seeded, per-label stratified share of the rows held out for validation."""
     rng = random.Random(seed)
     held_out = max(1, int(len(train) * validation_fraction))
     if held_out >= len(train):
