@@ -98,11 +98,32 @@ def stop_group(process: subprocess.Popen) -> None:
         pass
 
 
-def test_rendered_rayjob_runs_on_the_ray_jobs_api(ray_head, tmp_path):
+def materialize(config_map: dict, volume: dict, mount: Path) -> None:
+    """What the kubelet does with the job's ConfigMap volume: each item's key written at its path under the mount."""
+    import base64
+
+    for item in volume["configMap"]["items"]:
+        target = mount / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if item["key"] in config_map.get("data", {}):
+            target.write_text(config_map["data"][item["key"]], encoding="utf-8")
+        else:
+            target.write_bytes(base64.b64decode(config_map["binaryData"][item["key"]]))
+
+
+def test_rendered_rayjob_runs_on_the_ray_jobs_api(ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus
 
     mount = tmp_path / "claim"  # stands in for the PVC every pod mounts
+    job_mount = tmp_path / "job"  # stands in for the job's ConfigMap, mounted on every pod
+    monkeypatch.setattr(rayjob, "JOB_MOUNT", str(job_mount))
+    local = tmp_path / "laptop"  # a data file only this machine has: it travels in the ConfigMap
+    local.mkdir()
+    source = Path(__file__).resolve().parents[2] / "orchestrator" / "data" / "samples" / "legal_instructions"
+    train = next(p for p in sorted(source.iterdir()) if p.name.startswith("train"))
+    shutil.copy(train, local / f"mine{train.suffix}")
     overrides = ["+experiment=legal_full", "model=tiny_llama", "data.max_length=64", "data.max_validation_rows=4",
+                 f"data.path={local / f'mine{train.suffix}'}",
                  "trainer.max_steps=2", "trainer.micro_batch_size=2", "trainer.global_batch_size=null",
                  "trainer.eval_every=0", "trainer.checkpoint_every=0", "cluster.gpus=0", "cluster.cpu_workers=1",
                  "logger.mode=disabled", "launcher=rayjob", f"k8s.mount_path={mount}", "+k8s.env.RAYJOB_TEST=1",
@@ -110,7 +131,13 @@ def test_rendered_rayjob_runs_on_the_ray_jobs_api(ray_head, tmp_path):
     run = compose_run(overrides, tmp_path / "here")
     plan, resources = rayjob.plan_for_cluster(run)
     name = rayjob.job_name(run.name)
-    spec = rayjob.render(run, plan, resources, overrides, name)["spec"]
+    objects = {o["kind"]: o for o in rayjob.render_all(run, plan, resources, overrides, name)}
+    spec = objects["RayJob"]["spec"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    materialize(objects["ConfigMap"], next(v for v in head["volumes"] if v["name"] == "job"), job_mount)
+    assert yaml.safe_load((job_mount / "run.yaml").read_text())["data"]["path"] == \
+        f"{job_mount}/data/0/mine{train.suffix}"
+    shutil.rmtree(local)  # the job reads its copy, not this machine's file
 
     # exactly what KubeRay's submitter does with spec.entrypoint and spec.runtimeEnvYAML
     job_id = ray_head.submit_job(entrypoint=spec["entrypoint"], runtime_env=yaml.safe_load(spec["runtimeEnvYAML"]),
