@@ -176,6 +176,7 @@ class RayTrialLauncher(Launcher):
             self._start_ray([t.run for t in runnable], len(runnable))
             for trial in runnable:
                 self._plan(trial, sweep_dir)
+            self._drop_duplicates([t for t in runnable if t.plan is not None])
             self._share_gpus([t for t in runnable if t.plan is not None])
         if not any(t.plan is not None for t in trials):  # nothing to run: one clear line, not a summary of failures
             from orchestrator.errors import UserError
@@ -294,6 +295,25 @@ class RayTrialLauncher(Launcher):
         trial.gpu_memory_gb = planned.resources.gpu_memory_gb
         trial.record.update(workers=trial.plan.num_workers, strategy=trial.plan.strategy)
         self._write(trial)
+
+    def _drop_duplicates(self, trials: List[Trial]) -> None:
+        """A trial whose plan is another's is not run twice: `strategy_if_auto=auto,full` (+sweep=auto) is two
+        trials where the planner picks LoRA on one GPU, one trial twice where it picks full fine-tuning on many or
+        where the user named the strategy. The later one is listed as a duplicate of the first."""
+        seen: Dict[tuple, Trial] = {}
+        for trial in trials:
+            others = tuple(sorted(o for o in trial.overrides if override_key(o) not in ("strategy", "strategy_if_auto")))
+            key = (others, trial.plan.strategy.value, trial.plan.num_workers)
+            if key not in seen:
+                seen[key] = trial
+                continue
+            first = seen[key]
+            now = time.time()
+            trial.record.update(status="duplicate", started_at=now, finished_at=now,
+                                error=f"the same plan as trial {first.num} (strategy={trial.plan.strategy.value})")
+            trial.plan = None
+            self._write(trial)
+            log.info(f"trial {trial.num}: {trial.record['error']}, not run twice")
 
     def _share_gpus(self, trials: List[Trial]) -> None:
         """Small trials share a GPU: where every trial is one worker on a GPU, with a predicted peak that leaves

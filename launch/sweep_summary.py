@@ -2,8 +2,8 @@
 
 Pure functions of the records (plain dicts, as each trial writes them to <trial dir>/trial.json), so they can be
 tested without Ray and rerun on a finished sweep directory. A record holds:
-  num, overrides (Hydra's override strings), status ("completed" | "stopped" | "failed"), error, metric (its name),
-  value, tokens_per_s, started_at, finished_at (wall clock, seconds), workers, strategy, run_dir.
+  num, overrides (Hydra's override strings), status ("completed" | "stopped" | "failed" | "duplicate"), error,
+  metric (its name), value, tokens_per_s, started_at, finished_at (wall clock, seconds), workers, strategy, run_dir.
 """
 
 from __future__ import annotations

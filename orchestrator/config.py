@@ -320,6 +320,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     k8s: KubeConfig = field(default_factory=KubeConfig)  # launcher=rayjob only
     strategy: Strategy = Strategy.auto
+    # where strategy=auto, this strategy instead of the planner's pick (auto: the pick). The tuner's alternative:
+    # +sweep=auto sweeps auto,full, so that on one GPU, where the planner picks LoRA, full fine-tuning is tried too;
+    # a strategy the user or the experiment names is kept (both trials are then one plan, run once)
+    strategy_if_auto: Strategy = Strategy.auto
     launcher: Launcher = Launcher.local
     dry_run: bool = False  # print the plan and stop
     resume: Optional[str] = None  # "auto" (newest complete checkpoint of this name), a checkpoint or run dir
@@ -336,6 +340,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """Hydra's composed config (already type-checked) → the RunConfig object, validated."""
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, RunConfig)
+    if run.strategy is Strategy.auto:
+        run.strategy = run.strategy_if_auto
     validate(run)
     return run
 
