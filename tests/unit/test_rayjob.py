@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
@@ -198,7 +197,8 @@ def test_the_pods_compose_the_same_config_and_plan_from_the_run_file(tmp_path):
     objects, run = rendered_all(overrides, tmp_path)
     inner, args = composed_in_the_pod(objects, tmp_path)
     assert "cluster.address=auto" in args and "hydra.run.dir=/mnt/runs/legal_full/test-job" in args
-    assert not [a for a in args if a.startswith(("+experiment", "launcher=", "dry_run=", "k8s.", "cluster.address=ray"))]
+    assert not [a for a in args
+                if a.startswith(("+experiment", "launcher=", "dry_run=", "k8s.", "cluster.address=ray"))]
     assert comparable(inner) == comparable(run)
     inner_plan, _ = rayjob.plan_for_cluster(inner)
     plan, _ = rayjob.plan_for_cluster(run)
@@ -214,7 +214,8 @@ def test_an_experiment_from_the_users_own_config_dir_travels_as_values(tmp_path)
     conf = tmp_path / "my_conf" / "experiment"
     conf.mkdir(parents=True)
     (conf / "mine.yaml").write_text("# @package _global_\nname: mine\ndefaults:\n  - override /model: tiny_llama\n"
-                                    "  - override /data: legal_instructions\ntrainer: {max_steps: 7}\noptim: {lr: 3.0e-4}\n")
+                                    "  - override /data: legal_instructions\n"
+                                    "trainer: {max_steps: 7}\noptim: {lr: 3.0e-4}\n")
     overrides = [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "+experiment=mine", "cluster.gpus=0"]
     objects, run = rendered_all(overrides, tmp_path)
     assert run.name == "mine" and run.trainer.max_steps == 7
@@ -239,14 +240,16 @@ def test_local_data_is_shipped_in_the_configmap_or_refused(tmp_path, monkeypatch
     (folder / "train.jsonl").write_text(rows)
     (folder / "validation.jsonl").write_text("".join(rows.splitlines(True)[:10]))
     (tmp_path / "general.txt").write_text("some general text\n" * 20)
-    overrides = ["+experiment=legal_full", *SIZED, "data.path=mine.jsonl", f"data.reference_path={tmp_path}/general.txt"]
+    overrides = ["+experiment=legal_full", *SIZED, "data.path=mine.jsonl",
+                 f"data.reference_path={tmp_path}/general.txt"]
     objects, run = rendered_all(overrides, tmp_path)
     cm, job = objects["ConfigMap"], objects["RayJob"]
     assert_core_valid(cm)
     shipped = yaml.safe_load(cm["data"]["run.yaml"])["data"]
     assert shipped["path"] == f"{rayjob.JOB_MOUNT}/data/0/mine.jsonl"
     assert shipped["reference_path"] == f"{rayjob.JOB_MOUNT}/data/1/general.txt"
-    items = {i["path"]: i["key"] for i in next(v for v in pods(job)[1]["volumes"] if v["name"] == "job")["configMap"]["items"]}
+    volume = next(v for v in pods(job)[1]["volumes"] if v["name"] == "job")
+    items = {i["path"]: i["key"] for i in volume["configMap"]["items"]}
     assert cm["data"][items["data/0/mine.jsonl"]] == rows
     assert cm["data"][items["data/1/general.txt"]].startswith("some general text")
     for pod in pods(job):  # head (driver) and workers read it at the same path
