@@ -19,7 +19,9 @@ MAIN_KEYS = [
     ("name", "the run's name: everything it writes goes to runs/<name>/<date_time>/"),
     ("model.path", "a Hugging Face model id or local directory (hub downloads need model.allow_download=true)"),
     ("model.task", "classification (a new classifier head) or causal_lm"),
-    ("data.path", "a JSONL/CSV file, a directory with train.* and validation.*, or sample:<name> (bundled)"),
+    ("data.path", "a JSONL/CSV/Parquet file or directory, sample:<name>, a Hugging Face dataset id (local "
+                  "cache; data.allow_download=true fetches it), or a name in datasets.yaml"),
+    ("data.columns", "our fields to the dataset's columns, e.g. text=sentence,label=category"),
     ("data.format", "auto (from the first row), classification (text, label), alpaca, chat or text"),
     ("data.max_length", "tokens per row; longer rows are truncated and counted (data.overlong=fail refuses)"),
     ("strategy", "auto (the planner picks from GPUs and memory) or one of the strategies below"),
