@@ -293,6 +293,8 @@ class KubeConfig:
     wandb_secret: Optional[str] = "orchestrator-secrets"  # Secret holding key WANDB_API_KEY (null = none)
     hf_secret: Optional[str] = "orchestrator-secrets"  # Secret holding key HF_TOKEN (null = none)
     pvc: Optional[str] = "orchestrator-runs"  # ReadWriteMany claim on every pod: run dirs, checkpoints, HF cache
+    storage_class: Optional[str] = None  # the claim's storage class (ReadWriteMany); null = the cluster's default
+    pvc_size: str = "1Ti"  # the claim's size when it is created (a missing claim is created at submission)
     mount_path: str = "/mnt/runs"  # where the claim is mounted; run dirs are <mount_path>/<name>/<job name>
     storage_uri: Optional[str] = None  # checkpoints in an object store (s3://, gs://) instead of the claim
     shutdown_after_job_finishes: bool = True  # delete the RayCluster when the job ends
@@ -301,8 +303,14 @@ class KubeConfig:
     active_deadline_seconds: Optional[int] = None  # seconds before KubeRay fails the job; null = no limit
     head_cpu: str = "4"  # head pod (driver, Ray Train controller; no training): Kubernetes quantities
     head_memory: str = "16Gi"
-    worker_cpu: Optional[str] = None  # per worker pod; null = the node pool's, else 8
-    worker_memory: Optional[str] = None  # per worker pod; null = the node pool's, else 64Gi
+    # per worker pod: CPUs and host memory per GPU it holds (per Ray Train worker for CPU workers); null = the node
+    # pool's share (its pod size / its GPUs: h100 11 CPUs, 175 GiB), else 8 CPUs and 32 GiB. Offload plans
+    # (full_offload) add the host memory ZeRO-3 keeps there (bf16 weights, fp32 optimizer state and gradients)
+    cpu_per_gpu: Optional[float] = None
+    memory_per_gpu_gb: Optional[float] = None
+    worker_cpu: Optional[str] = None  # the whole worker pod's CPU request, over the above (a quantity: 64, 500m)
+    worker_memory: Optional[str] = None  # the whole worker pod's memory request, over the above (a quantity: 512Gi)
+    node_selector: Dict[str, str] = field(default_factory=dict)  # worker pods' node labels, over the pool's
     shm_size: Optional[str] = None  # memory-backed /dev/shm per pod (NCCL, Ray objects); null = the pool's, else 16Gi
     env: Dict[str, str] = field(default_factory=dict)  # extra environment of the job, never secrets
     follow: bool = True  # after submitting: print status and the driver's logs until the job ends
@@ -528,7 +536,11 @@ def validate_k8s(k: KubeConfig) -> None:
     _check(k.pvc is not None or k.storage_uri is not None, "k8s.pvc", k.pvc,
            "a PersistentVolumeClaim name unless k8s.storage_uri is set: checkpoints need storage every pod sees")
     _check(k.mount_path.startswith("/"), "k8s.mount_path", k.mount_path, "an absolute path")
-    for key in ("head_cpu", "head_memory", "worker_cpu", "worker_memory", "shm_size"):
+    for key in ("cpu_per_gpu", "memory_per_gpu_gb"):
+        value = getattr(k, key)
+        _check(value is None or (math.isfinite(value) and value > 0), f"k8s.{key}", value,
+               "a number > 0, or null (the node pool's share, else the default)")
+    for key in ("head_cpu", "head_memory", "worker_cpu", "worker_memory", "shm_size", "pvc_size"):
         value = getattr(k, key)
         _check(value is None or bool(_QUANTITY.match(str(value))), f"k8s.{key}", value,
                "a Kubernetes quantity such as 8, 500m, 64Gi")
