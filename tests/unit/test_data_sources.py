@@ -334,3 +334,34 @@ def test_bundled_registry_is_valid_and_names_the_samples():
     for name, (entry, _) in entries.items():
         assert DataFormat(entry.get("format", "auto")) and data_columns(entry.get("columns")) is not None
         assert os.path.isabs(entry["path"]) is False
+
+
+def test_the_command_lines_columns_string_reaches_hydra_quoted():
+    """`data.columns=text=sentence,label=category` as typed: Hydra's grammar refuses '=' in a value and takes ','
+    for a sweep, so the CLI quotes it; mappings and quoted values pass as they are."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from orchestrator.cli import route
+    from orchestrator.data.sources import quote_columns_override
+
+    args = route(["data.columns=text=sentence,label=category", "data.path=x", "trainer.max_steps=1"])
+    assert args == ["data.columns='text=sentence,label=category'", "data.path=x", "trainer.max_steps=1"]
+    parsed = OverridesParser.create().parse_override(args[0])
+    assert parsed.value() == "text=sentence,label=category" and not parsed.is_sweep_override()
+    for kept in ("data.columns={text:sentence}", "data.columns=null", "data.columns='a=b'", "data.columns=text:s"):
+        assert quote_columns_override(kept) == kept
+
+
+def test_a_mix_of_a_registry_name_and_a_hub_id(tmp_path, monkeypatch, hub_cache, saved_dict):
+    from orchestrator.config import MixEntry
+    from orchestrator.data.sources import on_this_machine
+
+    hub_cache_dataset(hub_cache, "acme/TinyClauses", {"train": clause_rows(10), "validation": clause_rows(4, 50)})
+    monkeypatch.chdir(tmp_path)
+    write_registry(tmp_path / "datasets.yaml", f"saved: {saved_dict}\n")
+    cfg = DataConfig(mix=[MixEntry(path="saved"), MixEntry(path="acme/TinyClauses", weight=2.0)], columns=COLUMNS)
+    raw = read_data(cfg, Task.classification, 1)
+    assert [p.name for p in raw.parts] == ["saved", "TinyClauses"] and len(raw.train) == 22
+    assert origin_note(raw).startswith("data from:\n  saved: saved (registry ")
+    assert on_this_machine(cfg)
+    assert not on_this_machine(DataConfig(path="acme/elsewhere")) and not on_this_machine(DataConfig(path="nope"))
