@@ -8,15 +8,24 @@ marker, shard or metadata file) is skipped with a warning when resuming. Each ma
 file of its rank, which resuming verifies: a checkpoint whose bytes changed afterwards (same size, overwritten) is
 skipped the same way, or refused when resume= names it.
 The export gathers the full weights onto rank 0, which alone writes safetensors + config + tokenizer.
+
+A ZeRO-3 checkpoint resumes on another number of workers than wrote it (`restore`): its shards are converted to
+DeepSpeed's universal checkpoint format (one file per parameter for the fp32 weights and each Adam moment) in a
+node-local temporary directory, which every rank then loads its own new partition from (the optimizer's step count
+included); the learning-rate scheduler and the client state come from rank 0's model states as usual. The driver
+keeps the checkpoint's global batch (keep_resumed_global_batch, check_resume_matches): more or fewer accumulation
+steps per worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -41,6 +50,8 @@ METRICS_ONLY = "metrics_only.json"  # a final report without weights (trainer.sa
 SHARD_SIZE = "5GB"  # safetensors files of at most this size: easier to download, mmap and serve
 CHECKSUM = "crc32"  # the marker's key for its files' checksums (markers written before it have none)
 CHUNK = 1 << 20  # bytes read at a time while checksumming
+UNIVERSAL_DIR = "orchestrator-universal"  # under the node's TMPDIR: a checkpoint converted for another world size
+RESHARDABLE = (Strategy.full, Strategy.full_offload)  # strategies whose checkpoints resume on other worker counts
 
 
 def file_checksum(path: str) -> str:
@@ -99,9 +110,11 @@ def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Di
         files = {name: os.path.getsize(file) for name, file in paths.items()}
         checksums = {name: file_checksum(file) for name, file in paths.items()}
         os.makedirs(os.path.join(directory, MARKER_DIR))
+        # the global batch (rows per optimizer step): a resume on another number of workers keeps it
+        batch = {"global_batch_size": engine.train_batch_size()} if hasattr(engine, "train_batch_size") else {}
         with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
-            json.dump({**(identity or {}), "step": step, "world_size": world_size, "rank": rank, "files": files,
-                       CHECKSUM: checksums}, handle)
+            json.dump({**(identity or {}), **batch, "step": step, "world_size": world_size, "rank": rank,
+                       "files": files, CHECKSUM: checksums}, handle)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -177,14 +190,95 @@ def gathered(engine, model):
 
 def restore(engine, directory: Optional[str]) -> Dict[str, Any]:
     """Load model, optimizer, scheduler and this rank's RNG state; returns the client state saved with
-    the checkpoint (its "step" is where to continue), or {} without a checkpoint."""
+    the checkpoint (its "step" is where to continue), or {} without a checkpoint. A ZeRO-3 checkpoint written by
+    another number of workers is converted and loaded as a universal checkpoint (load_resharded); the client state
+    then also holds "resharded": {"from": saved workers, "to": these, "seconds": the conversion and load}."""
     if directory is None:
         return {}
-    _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG)
+    deepspeed_dir = os.path.join(directory, DEEPSPEED_DIR)
+    saved_workers, workers = saved_zero_world_size(deepspeed_dir), _world_size()
+    if saved_workers and saved_workers != workers and _is_zero3(engine):
+        client_state = load_resharded(engine, deepspeed_dir, saved_workers)
+    else:
+        _, client_state = engine.load_checkpoint(deepspeed_dir, tag=TAG)
     rng_file = os.path.join(directory, RNG_DIR, f"rank_{engine.global_rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with more workers than saved the checkpoint
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
+
+
+def saved_zero_world_size(deepspeed_dir: str) -> int:
+    """How many data-parallel ranks wrote a ZeRO checkpoint (its optimizer shards), 0 for none (PlainEngine's)."""
+    return len(glob.glob(os.path.join(deepspeed_dir, TAG, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def _is_zero3(engine) -> bool:
+    return hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3
+
+
+def load_resharded(engine, deepspeed_dir: str, saved_workers: int) -> Dict[str, Any]:
+    """Collective. Resume a ZeRO-3 checkpoint of `saved_workers` ranks on this world size: local rank 0 of every
+    node converts it with DeepSpeed's ds_to_universal into a directory of that node's TMPDIR (12 bytes per
+    parameter: fp32 weights, exp_avg, exp_avg_sq), then every rank loads its new partition of weights and Adam
+    moments from there (engine.load_checkpoint with the universal format), and the directory is removed. Returns
+    the client state, with "resharded" added."""
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    source = os.path.join(deepspeed_dir, TAG)
+    digest = hashlib.sha1(os.path.realpath(source).encode()).hexdigest()[:16]
+    universal = os.path.join(tempfile.gettempdir(), UNIVERSAL_DIR, digest)  # the same name on every rank of a node
+    converts = _local_rank() == 0
+    failure = ""
+    if converts:
+        try:
+            shutil.rmtree(universal, ignore_errors=True)  # what an earlier attempt may have left
+            to_universal(source, os.path.join(universal, TAG))
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait at the next collective
+            failure = f"{type(err).__name__}: {err}"
+    _all_ranks_agree(engine, not failure, f"converting {source} (written by {saved_workers} workers) to DeepSpeed's "
+                                          f"universal checkpoint format failed on a node: {failure or 'see its log'}")
+    try:
+        engine._config.load_universal_checkpoint = True  # read only by load_checkpoint: the format of this load
+        _, client_state = engine.load_checkpoint(universal, tag=TAG)
+    finally:
+        engine._config.load_universal_checkpoint = False
+        dist.barrier()  # every rank of the node has read the converted files
+        if converts:
+            shutil.rmtree(universal, ignore_errors=True)
+    return {**client_state, "resharded": {"from": saved_workers, "to": _world_size(),
+                                          "seconds": round(time.perf_counter() - started, 3)}}
+
+
+def to_universal(source: str, destination: str) -> None:
+    """DeepSpeed's ds_to_universal (the script's main) in this process: a ZeRO-3 tag directory → a universal one,
+    plus `latest_universal` beside it. One extraction and one merge process: no process pool inside a Ray worker."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=source, output_folder=destination, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines; failures still raise
+        ds_to_universal.main(args)
+
+
+def _all_ranks_agree(engine, ok: bool, message: str) -> None:
+    """Collective: raise `message` on every rank unless every rank is ok."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=getattr(engine, "device", "cpu"))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        raise RuntimeError(message)
+
+
+def _local_rank() -> int:
+    try:
+        return ray.train.get_context().get_local_rank()
+    except Exception:  # noqa: BLE001 - outside a Ray Train worker
+        return int(os.environ.get("LOCAL_RANK", 0))
 
 
 # --- finding a checkpoint to resume from ---------------------------------------------------------------
@@ -344,29 +438,95 @@ def resolve_resume(resume: Optional[str], run_dir: str, storage_root: str) -> Op
     return info
 
 
+def keep_resumed_global_batch(run, plan) -> bool:
+    """On the driver, after the first plan: a resumed run keeps the global batch (rows per optimizer step) its
+    checkpoint was trained with, on however many workers it runs now, by more or less accumulation: the data order
+    (GlobalBatchSchedule) and the loss curve go on as the same run's. Where the plan's global batch differs and
+    trainer.global_batch_size is unset, it is set to the checkpoint's and True is returned: plan again, and the
+    planner derives grad_accum = global batch / (workers x micro-batch). trainer.global_batch_size set to another
+    value, or a global batch that workers x micro-batch does not divide, is a UserError saying what to set.
+    Nothing to do for markers without the global batch (written before markers recorded it), for another strategy
+    or for a worker count this strategy cannot change (check_resume_matches refuses those)."""
+    from orchestrator import console
+
+    saved = _saved_marker(run)
+    if saved is None or "global_batch_size" not in saved:
+        return False
+    batch, saved_workers = saved["global_batch_size"], saved["world_size"]
+    strategy = Strategy(plan.strategy).value
+    if saved.get("strategy") not in (None, strategy) or (
+            saved_workers != plan.num_workers and not _reshardable(saved.get("strategy"), plan.strategy)):
+        return False
+    if plan.global_batch_size == batch:
+        return False
+    where = f"resume={run.resume}"
+    if run.trainer.global_batch_size is not None:
+        raise UserError(f"{where} was trained with a global batch of {batch} rows per optimizer step and this run "
+                        f"sets trainer.global_batch_size={run.trainer.global_batch_size}: a resumed run keeps its "
+                        f"global batch (its data order and loss curve follow it); resume with "
+                        f"trainer.global_batch_size={batch}, or leave it unset")
+    workers, micro = plan.num_workers, plan.micro_batch_size
+    if batch % (workers * micro):
+        fitting = [m for m in range(1, batch // workers + 1) if batch % (workers * m) == 0]
+        how = (f"set trainer.micro_batch_size to one of {', '.join(map(str, fitting))}" if fitting else
+               f"resume on a number of workers that divides {batch}")
+        raise UserError(f"{where} was trained with a global batch of {batch} rows per optimizer step (on "
+                        f"{saved_workers} worker(s)), which a resumed run keeps; this run's {workers} worker(s) x "
+                        f"trainer.micro_batch_size={micro} = {workers * micro} rows per pass do not divide it: {how}")
+    run.trainer.global_batch_size = batch
+    console.note(f"resume: keeping the checkpoint's global batch of {batch} rows per step: {workers} worker(s) x "
+                 f"micro-batch {micro} x {batch // (workers * micro)} accumulation (it was trained on "
+                 f"{saved_workers} worker(s))")
+    return True
+
+
+def _saved_marker(run) -> Optional[Dict[str, Any]]:
+    """Rank 0's marker of the checkpoint resume= names (the driver has resolved it), or None."""
+    if not run.resume:
+        return None
+    markers, _ = read_markers(run.resume)
+    return markers[0] if markers else None
+
+
+def _reshardable(saved_strategy: Optional[str], planned: Strategy) -> bool:
+    """Whether a checkpoint of this strategy resumes on another number of workers: full fine-tuning under ZeRO-3
+    (with or without offload), whose shards DeepSpeed's universal checkpoint format re-partitions. Adapters are
+    not: on one worker they train without ZeRO (PlainEngine's own file), and on several, untested."""
+    return saved_strategy is not None and Strategy(saved_strategy) in RESHARDABLE and Strategy(planned) in RESHARDABLE
+
+
 def check_resume_matches(run, plan) -> None:
-    """On the driver, before any worker starts: a checkpoint continues only on the same number of workers, with the
-    same strategy and the same learning-rate schedule as it was written with (its markers say which; markers written
-    before they did are not checked). Anything else is a UserError saying what to do."""
+    """On the driver, before any worker starts: a checkpoint continues with the same strategy, the same
+    learning-rate schedule and the same global batch as it was written with, and on the same number of workers
+    unless its strategy can change that (full fine-tuning under ZeRO-3: `restore` re-partitions its shards). Its
+    markers say which; markers written before they did are not checked. Anything else is a UserError saying what
+    to do."""
     from orchestrator.optimization import schedule_of
 
-    if not run.resume:
+    saved = _saved_marker(run)
+    if saved is None:
         return
-    markers, _ = read_markers(run.resume)
-    if not markers:
-        return
-    saved = markers[0]
     where = f"resume={run.resume}"
-    if saved["world_size"] != plan.num_workers:
-        how = (f"{saved['world_size']} GPUs in all (cluster.gpus, cluster.nodes)" if plan.use_gpu else
-               f"cluster.cpu_workers={saved['world_size']}")
-        raise UserError(f"{where} was saved by {saved['world_size']} worker(s) and this run plans "
-                        f"{plan.num_workers}: each worker's ZeRO shard resumes on its own rank, so resume on {how}; "
-                        "resuming on another number of workers (elastic resume) is not supported")
     if saved.get("strategy") not in (None, Strategy(plan.strategy).value):
         raise UserError(f"{where} was trained with strategy={saved['strategy']} and this run plans "
                         f"strategy={Strategy(plan.strategy).value}: resume with strategy={saved['strategy']}, or "
                         "start a new run with the other strategy")
+    if saved["world_size"] != plan.num_workers:
+        how = (f"{saved['world_size']} GPUs in all (cluster.gpus, cluster.nodes)" if plan.use_gpu else
+               f"cluster.cpu_workers={saved['world_size']}")
+        start = f"{where} was saved by {saved['world_size']} worker(s) and this run plans {plan.num_workers}"
+        if not _reshardable(saved.get("strategy"), plan.strategy):
+            was = saved.get("strategy")
+            raise UserError(f"{start}: a checkpoint of strategy={was or 'unknown (written before markers said)'} "
+                            f"resumes only on the number of workers that wrote it (another number of workers is "
+                            f"supported for strategy=full and strategy=full_offload), so resume on {how}")
+        if "global_batch_size" not in saved:
+            raise UserError(f"{start}: its markers were written before they recorded the global batch, which a "
+                            f"resume on another number of workers must keep, so resume on {how}")
+    if "global_batch_size" in saved and saved["global_batch_size"] != plan.global_batch_size:
+        raise UserError(f"{where} was trained with a global batch of {saved['global_batch_size']} rows per optimizer "
+                        f"step and this run plans {plan.global_batch_size}: resume with "
+                        f"trainer.global_batch_size={saved['global_batch_size']}")
     wanted = schedule_of(run, plan.max_steps)
     if saved.get("schedule") not in (None, wanted):
         was = saved["schedule"]

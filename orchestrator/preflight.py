@@ -99,13 +99,18 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         resume_from(run)
     planned_for = resources()
     plan = make_plan(run, planned_for, model_config)
+    if runs_here:
+        from orchestrator.checkpoint import keep_resumed_global_batch
+
+        if keep_resumed_global_batch(run, plan):  # on another number of workers: the checkpoint's global batch
+            plan = make_plan(run, planned_for, model_config)
     if plan.strategy.uses_adapters:
         check_adapter_targets(run.model, model_config, run.peft.target_modules)
     plan_recipe(run, plan, train_rows, apply=runs_here)
     if runs_here:
         from orchestrator.checkpoint import check_resume_matches
 
-        check_resume_matches(run, plan)  # the checkpoint's workers, strategy and schedule
+        check_resume_matches(run, plan)  # the checkpoint's workers, strategy, schedule and global batch
     if report:
         print(describe(plan, planned_for.gpu_memory_gb), flush=True)
         plan.save(run.run_dir)

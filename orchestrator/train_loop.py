@@ -183,6 +183,14 @@ class Recipe:
             self.tracker.note(f"resumed at step {self.state.step}" + (
                 f" after {self.state.restarts} restart(s), {self.state.repeated_steps} step(s) repeated"
                 if checkpoint is not None else ""))
+        resharded = saved.get("resharded")  # written by another number of workers (checkpoint.load_resharded)
+        if resharded:
+            self.state.notes["resume/reshard_s"] = resharded["seconds"]
+            self.tracker.note(f"resumed on {resharded['to']} worker(s) from a checkpoint of {resharded['from']}: its "
+                              f"ZeRO-3 shards re-partitioned through DeepSpeed's universal format in "
+                              f"{resharded['seconds']:.1f} s (weights, Adam moments and schedule kept); "
+                              f"{self.plan.grad_accum} accumulation step(s) keep the global batch of "
+                              f"{self.plan.global_batch_size} rows")
         self.selection = Selection.from_notes(self.state.notes, self.plan.select_metric)
         self.snapshot = WeightSnapshot(self.engine)
         if self.selection.best_step is not None and self.selection.best_step < self.state.step:

@@ -9,7 +9,8 @@ position are all restored, and the fp32 arithmetic is the same, so the tolerance
 are identical).
 
 A second run that shares the first's storage starts fresh in its own place; one in the same run directory, or one
-that resumes with another schedule, number of workers or strategy, stops before any worker starts (UserError).
+that resumes with another schedule or strategy, or on a number of workers that cannot keep the global batch, stops
+before any worker starts (UserError).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def test_a_second_run_in_the_same_run_directory_is_refused(uninterrupted_run, ti
 @pytest.mark.parametrize("change, message", [
     (["trainer.max_steps=30"], r"schedule differs .*total_steps 20 -> 30.*resume with trainer.max_steps=20"),
     (["trainer.max_steps=null", "trainer.epochs=1"], r"schedule differs .*resume with trainer.max_steps=20"),
-    (["cluster.cpu_workers=1"], r"saved by 2 worker\(s\) and this run plans 1: .*cluster.cpu_workers=2"),
+    # another number of workers resumes (tests/integration/test_resume_world_size.py) if it can keep the global batch
+    (["cluster.cpu_workers=1", "trainer.micro_batch_size=3"],
+     r"global batch of 4 rows .*set trainer.micro_batch_size to one of 1, 2, 4"),
     (["strategy=lora"], r"trained with strategy=full and this run plans strategy=lora: resume with strategy=full"),
 ])
 def test_resuming_with_another_schedule_workers_or_strategy_stops_before_training(

@@ -3,8 +3,9 @@
 - a run directory that holds another run is continued only with resume=;
 - resume=auto looks at this experiment's checkpoints only, also in a storage shared with other experiments;
 - a restart takes only checkpoints of its own run;
-- a resumed run keeps the workers, strategy and learning-rate schedule its checkpoint was written with, or stops
-  with a UserError saying what to do;
+- a resumed run keeps the strategy, learning-rate schedule and global batch its checkpoint was written with, and
+  its workers unless the strategy is full fine-tuning (ZeRO-3 shards re-partitioned: the global batch then kept by
+  more or less accumulation), or stops with a UserError saying what to do;
 - a malformed marker is a warning (resume=auto skips the checkpoint) or a UserError (resume= names it), never a
   traceback.
 """
@@ -16,7 +17,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.checkpoint import check_resume_matches, newest_complete_checkpoint, resolve_resume
+from orchestrator.checkpoint import (
+    check_resume_matches,
+    keep_resumed_global_batch,
+    newest_complete_checkpoint,
+    resolve_resume,
+)
 from orchestrator.config import RunConfig, Schedule, Strategy
 from orchestrator.errors import UserError
 from orchestrator.optimization import schedule_of
@@ -113,13 +119,15 @@ def test_a_restart_takes_only_checkpoints_of_its_own_run(tmp_path, monkeypatch):
     assert restarts.restart_checkpoint(run, None) is None  # without a run id, only Ray's word counts
 
 
-def saved_by(tmp_path, run, world_size=2, strategy="full", total_steps=20):
+def saved_by(tmp_path, run, world_size=2, strategy="full", total_steps=20, global_batch=4):
+    batch = {} if global_batch is None else {"global_batch_size": global_batch}  # None: markers from before
     return with_identity(fake_checkpoint(tmp_path / "first", "checkpoint_1", 10, world_size=world_size),
-                         run_id="first", strategy=strategy, schedule=schedule_of(run, total_steps))
+                         run_id="first", strategy=strategy, schedule=schedule_of(run, total_steps), **batch)
 
 
-def plan(workers=2, strategy=Strategy.full, max_steps=20, use_gpu=False):
-    return SimpleNamespace(num_workers=workers, strategy=strategy, max_steps=max_steps, use_gpu=use_gpu)
+def plan(workers=2, strategy=Strategy.full, max_steps=20, use_gpu=False, micro=2, global_batch=4):
+    return SimpleNamespace(num_workers=workers, strategy=strategy, max_steps=max_steps, use_gpu=use_gpu,
+                           micro_batch_size=micro, global_batch_size=global_batch)
 
 
 def test_resuming_as_the_checkpoint_was_written_passes(tmp_path):
@@ -130,18 +138,55 @@ def test_resuming_as_the_checkpoint_was_written_passes(tmp_path):
     check_resume_matches(run, plan(workers=2, max_steps=99))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(workers=1), r"was saved by 2 worker\(s\) and this run plans 1: .*resume on cluster.cpu_workers=2; "
-                      r"resuming on another number of workers \(elastic resume\) is not supported"),
-    (dict(workers=4, use_gpu=True), r"resume on 2 GPUs in all"),
-    (dict(strategy=Strategy.lora), r"was trained with strategy=full and this run plans strategy=lora: resume with "
-                                   r"strategy=full"),
-    (dict(max_steps=40), r"schedule differs .*\(warmup_steps 2 -> 4, total_steps 20 -> 40\).*resume with "
-                         r"trainer.max_steps=20"),
+def test_full_fine_tuning_resumes_on_another_number_of_workers_with_the_same_global_batch(tmp_path):
+    run = a_run(tmp_path)
+    run.resume = str(saved_by(tmp_path, run))  # 2 workers, global batch 4
+    run.trainer.global_batch_size = None
+    assert keep_resumed_global_batch(run, plan(workers=1, micro=2, global_batch=2))  # plan again with it
+    assert run.trainer.global_batch_size == 4  # 1 worker x micro-batch 2 x 2 accumulation
+    check_resume_matches(run, plan(workers=1, global_batch=4))
+    check_resume_matches(run, plan(workers=4, micro=1, global_batch=4, use_gpu=True, strategy=Strategy.full))
+    run.trainer.global_batch_size = None
+    assert not keep_resumed_global_batch(run, plan(workers=2, global_batch=4))  # as written: nothing to change
+    assert run.trainer.global_batch_size is None
+
+
+@pytest.mark.parametrize("plan_change, message", [
+    (dict(workers=1, micro=3, global_batch=3), r"global batch of 4 rows per optimizer step \(on 2 worker\(s\)\), which "
+     r"a resumed run keeps; this run's 1 worker\(s\) x trainer.micro_batch_size=3 = 3 rows per pass do not divide "
+     r"it: set trainer.micro_batch_size to one of 1, 2, 4"),
+    (dict(workers=3, micro=1, global_batch=3), r"resume on a number of workers that divides 4"),
 ])
-def test_resuming_with_other_workers_strategy_or_schedule_is_refused(tmp_path, change, message):
+def test_a_global_batch_that_the_new_workers_cannot_keep_is_refused(tmp_path, plan_change, message):
     run = a_run(tmp_path)
     run.resume = str(saved_by(tmp_path, run))
+    run.trainer.global_batch_size = None
+    with pytest.raises(UserError, match=message):
+        keep_resumed_global_batch(run, plan(**plan_change))
+    run.trainer.global_batch_size = 8  # set by the user to another value
+    with pytest.raises(UserError, match=r"sets trainer.global_batch_size=8: a resumed run keeps its global batch .*"
+                                        r"resume with trainer.global_batch_size=4, or leave it unset"):
+        keep_resumed_global_batch(run, plan(workers=1, micro=2, global_batch=8))
+
+
+@pytest.mark.parametrize("saved, change, message", [
+    (dict(global_batch=None), dict(workers=1),
+     r"was saved by 2 worker\(s\) and this run plans 1: its markers were written before they recorded the global "
+     r"batch, which a resume on another number of workers must keep, so resume on cluster.cpu_workers=2"),
+    (dict(global_batch=None), dict(workers=4, use_gpu=True), r"resume on 2 GPUs in all"),
+    (dict(strategy="lora"), dict(workers=1, strategy=Strategy.lora),
+     r"a checkpoint of strategy=lora resumes only on the number of workers that wrote it \(another number of workers "
+     r"is supported for strategy=full and strategy=full_offload\), so resume on cluster.cpu_workers=2"),
+    (dict(), dict(global_batch=8), r"trained with a global batch of 4 rows per optimizer step and this run plans 8: "
+                                   r"resume with trainer.global_batch_size=4"),
+    (dict(), dict(strategy=Strategy.lora), r"was trained with strategy=full and this run plans strategy=lora: resume "
+                                           r"with strategy=full"),
+    (dict(), dict(max_steps=40), r"schedule differs .*\(warmup_steps 2 -> 4, total_steps 20 -> 40\).*resume with "
+                                 r"trainer.max_steps=20"),
+])
+def test_resuming_with_other_workers_strategy_or_schedule_is_refused(tmp_path, saved, change, message):
+    run = a_run(tmp_path)
+    run.resume = str(saved_by(tmp_path, run, **saved))
     with pytest.raises(UserError, match=message) as error:
         check_resume_matches(run, plan(**change))
     assert "\n" not in str(error.value)
