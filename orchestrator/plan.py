@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import List, Optional, Tuple
 
@@ -87,6 +87,24 @@ class Plan:
 
     def __post_init__(self):  # a plan built by hand (benchmarks) may name them as strings
         self.strategy, self.precision = Strategy(self.strategy), Precision(self.precision)
+
+    def for_workers(self, workers: int) -> "Plan":
+        """This plan on another number of workers with the same global batch: more or less accumulation, the rest
+        kept. For a run that continues on another world size (a resume on other workers, an elastic restart: issue
+        16), so that the data order and the loss curve stay the same run's. Full fine-tuning only (adapters on one
+        worker train without ZeRO, on a PlainEngine); a global batch that workers x micro-batch does not divide is a
+        UserError. The memory prediction is not redone: fewer ZeRO-3 workers hold more of the states each."""
+        if workers == self.num_workers:
+            return self
+        if self.strategy not in (Strategy.full, Strategy.full_offload):
+            raise UserError(f"strategy={self.strategy} continues only on the {self.num_workers} worker(s) it started "
+                            f"on, not on {workers}: another number of workers is supported for strategy=full and "
+                            "strategy=full_offload")
+        per_pass = workers * self.micro_batch_size
+        if self.global_batch_size % per_pass:
+            raise UserError(f"the global batch of {self.global_batch_size} rows cannot be kept on {workers} worker(s) "
+                            f"x micro-batch {self.micro_batch_size} = {per_pass} rows per pass")
+        return replace(self, num_workers=workers, grad_accum=self.global_batch_size // per_pass)
 
     def to_json(self) -> str:
         """plan.json: the enums as their values."""
