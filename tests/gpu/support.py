@@ -387,7 +387,8 @@ def check_export(run, run_dir: Path, model_dir: Path, strategy: str, device, exa
         adapter = compare_logits(logits_of(reload_export(export, model_dir, strategy, device, merged=False),
                                            device), reference, *exact)
     base = logits_of(load_base(model_dir, device).eval(), device)
-    changed = (exported_logits - base).abs().max().item()
+    # prompt tuning's logits begin with its virtual tokens' positions: the input's own are the last ones
+    changed = (exported_logits[:, -base.shape[1]:] - base).abs().max().item()
     here = validation_loss(reloaded, run, device, int(run_plan(run_dir)["micro_batch_size"]))
     return ExportCheck(comparison, adapter, changed, float(run_metrics(run_dir)["eval/loss"]), here)
 
