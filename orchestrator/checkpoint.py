@@ -226,8 +226,11 @@ def load_resharded(engine, deepspeed_dir: str, saved_workers: int) -> Dict[str, 
 
     started = time.perf_counter()
     source = os.path.join(deepspeed_dir, TAG)
-    digest = hashlib.sha1(os.path.realpath(source).encode()).hexdigest()[:16]
-    universal = os.path.join(tempfile.gettempdir(), UNIVERSAL_DIR, digest)  # the same name on every rank of a node
+    # the same name on every rank of this process group (its rendezvous address), another for another run resuming
+    # the same checkpoint on this node at the same time (sweep trials)
+    group = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    digest = hashlib.sha1(f"{os.path.realpath(source)}|{group}".encode()).hexdigest()[:16]
+    universal = os.path.join(tempfile.gettempdir(), UNIVERSAL_DIR, digest)
     converts = _local_rank() == 0
     failure = ""
     if converts:
