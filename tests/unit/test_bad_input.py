@@ -32,7 +32,7 @@ CASES = [
     ("bad enum", ["logger.mode=loud"], None,
      "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
     ("unknown strategy", ["strategy=bogus"], None, "strategy=bogus is not allowed: expected one of auto, full"),
-    ("unknown experiment", ["+experiment=nope"], None, "experiment=nope is not allowed: available options: legal_demo"),
+    ("unknown experiment", ["+experiment=nope"], None, "experiment=nope is not allowed: available options: gemma2_2b_full"),
     ("zero steps", ["trainer.max_steps=0"], None, "trainer.max_steps=0 is not allowed: an integer >= 1"),
     ("negative lr", ["optim.lr=-1"], None, "optim.lr=-1.0 is not allowed: a number > 0"),
     ("lora rank 0", ["strategy=lora", "peft.rank=0"], None, "peft.rank=0 is not allowed: an integer >= 1"),

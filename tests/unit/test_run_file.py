@@ -111,7 +111,7 @@ ERRORS = [  # (file text, extra arguments, the message after "error: <file>")
     ("model:\n  path: [x\n", [], ":3: not valid YAML: expected ',' or ']'"),
     ("logger:\n  mode: loud\n", [], ":2: logger.mode=loud is not allowed: expected one of online, offline, disabled"),
     ("defaults:\n  - override /model: nope\n", [], ":2: model=nope is not allowed: available options: "
-     "llama3_8b_instruct, minilm, tiny_llama"),
+     "gemma2_2b"),  # the first of the model entries, in order
     ("optim:\n  lr: -1\n", [], ":2: optim.lr=-1.0 is not allowed: a number > 0"),
     ("model: tiny_llama\n", [], ":1: model: expected a mapping of model.* keys, got 'tiny_llama' (a config name "
      "goes in the defaults list: '- override /model: tiny_llama')"),
@@ -151,10 +151,15 @@ def test_rayjob_renders_the_files_keys_for_the_pods(tmp_path):
     result = cli("train", "big.yaml", "launcher=rayjob", "dry_run=true", "cluster.nodes=2", "cluster.gpus=8",
                  "cluster.gpu_memory_gb=80", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    command = shlex.split(yaml.safe_load(result.stdout)["spec"]["entrypoint"])
-    assert command[:3] == ["python", "-m", "orchestrator"]
-    assert {"model=llama3_8b_instruct", "data=legal_instructions", "trainer.epochs=2", "name=big"} <= set(command)
-    assert not any("big.yaml" in part or part.startswith("--") for part in command)
+    docs = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}  # the claim, the ConfigMap, the RayJob
+    command = shlex.split(docs["RayJob"]["spec"]["entrypoint"])
+    # the pods read the run's config, composed and resolved here, from the job's ConfigMap (launch/rayjob.py)
+    assert command[:5] == ["python", "-m", "orchestrator", "--config", "/etc/orchestrator/job/run.yaml"]
+    assert not any("big.yaml" in part for part in command)  # the file itself is on this machine only
+    shipped = yaml.safe_load(docs["ConfigMap"]["data"]["run.yaml"])
+    assert shipped["model"]["path"] == "meta-llama/Llama-3.1-8B-Instruct"  # the file's model and data groups
+    assert shipped["data"]["format"] == "alpaca"
+    assert shipped["trainer"]["epochs"] == 2 and shipped["name"] == "big"
 
 
 def test_a_sweep_in_the_file_runs_its_trials_with_the_files_keys(tmp_path):
