@@ -90,6 +90,19 @@ class FusedLinearCrossEntropyHead(nn.Module):
         return loss(self.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), self.bias)
 
 
+def fused_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The labels to give a model with the fused loss: labels[:, 0] set to IGNORE_INDEX. The first token never
+    trains (nothing before it predicts it; losses.target_weight counts labels[:, 1:]), and the fused forward,
+    shifting by one, would not count it anyway, except under peft's prompt tuning: PeftModelForCausalLM.forward
+    prepends num_virtual_tokens IGNORE_INDEX labels for its virtual tokens, and the last virtual position would
+    then predict labels[:, 0], a loss term that losses.loss_terms leaves out and the normaliser does not count."""
+    if labels[:, 0].eq(IGNORE_INDEX).all():
+        return labels
+    labels = labels.clone()
+    labels[:, 0] = IGNORE_INDEX
+    return labels
+
+
 def attach_fused_loss(model: nn.Module) -> None:
     """Causal LM: replace the output head by FusedLinearCrossEntropyHead and give this model instance a
     forward that, when called with labels, returns the summed next-token loss (position t predicts t+1,

@@ -94,3 +94,33 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(reference_liger, tied):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     # without labels: the model's own forward, logits as before (evaluation, generation)
     torch.testing.assert_close(fused(input_ids=input_ids).logits, plain(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("strategy", ["prompt", "prefix"])
+def test_fused_loss_of_a_prompt_learning_model_equals_ours(reference_liger, strategy):
+    """peft's prompt tuning gives the fused forward its virtual tokens' positions and IGNORE_INDEX labels for
+    them (PeftModelForCausalLM.forward); prefix tuning none. With kernels.fused_targets the fused sum is
+    loss_terms' (which drops the virtual positions) also where labels[:, 0] is a target (text rows)."""
+    from orchestrator.adapters import apply_adapter
+    from orchestrator.config import PeftConfig
+
+    plain, fused = tiny_llama(False), tiny_llama(False)
+    kernels.attach_fused_loss(fused)
+    plain = apply_adapter(plain, strategy, PeftConfig(virtual_tokens=6), Task.causal_lm)
+    fused = apply_adapter(fused, strategy, PeftConfig(virtual_tokens=6), Task.causal_lm)
+    fused.load_state_dict(plain.state_dict())
+    input_ids = torch.randint(0, 97, (2, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    text = input_ids.masked_fill(attention_mask == 0, -100)  # every real token a target, the first one too
+    prompted = text.clone()
+    prompted[:, :4] = -100
+    for labels in (prompted, text):
+        expected, _ = loss_terms(plain(input_ids=input_ids, attention_mask=attention_mask).logits, labels,
+                                 Task.causal_lm)
+        got = fused(input_ids=input_ids, attention_mask=attention_mask, labels=kernels.fused_targets(labels))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert kernels.fused_targets(prompted) is prompted
+    assert torch.equal(kernels.fused_targets(text)[:, 1:], text[:, 1:])
+    unmasked = fused(input_ids=input_ids, attention_mask=attention_mask, labels=text)
+    assert (strategy == "prompt") == (not torch.allclose(unmasked, expected)), "the first token's extra term"
