@@ -26,6 +26,7 @@ def recipe(tmp_path, save_final=True):
     r = train_loop.Recipe.__new__(train_loop.Recipe)
     r.run_config, r.task, r.rank, r.world_size, r.device = run, Task.causal_lm, 0, 1, torch.device("cpu")
     r.nodes = [{"rank": 0, "node_id": "n0", "hostname": "h"}]  # setup_worker's (orchestrator/placement.py)
+    r.started_at = 0.0  # __init__'s wall clock (the start-up account)
     r.plan = SimpleNamespace(micro_batch_size=1)
     r.state, r.last_metrics, r.timer = TrainState(step=2, loss=[2.0, 1.0]), {"train/loss": 1.0}, PhaseTimer()
     r.tracker = Tracker(run.logger, True, "t", str(tmp_path), 2, {}, sender=sender)
