@@ -106,19 +106,23 @@ def run_training(run: RunConfig, plan: Plan):
     from orchestrator import console
     from orchestrator.logs import link_ray_logs
     from orchestrator.progress import ProgressView, start_feed
-    from orchestrator.restarts import FaultDrill
+    from orchestrator.restarts import FaultDrill, elastic_worker_counts
     from orchestrator.run_identity import claim_run, ray_run_name
     from orchestrator.train_loop import WorkerInput, train_loop
 
+    # trainer.elastic: the worker counts a restart may continue on, checked before anything starts
+    counts = elastic_worker_counts(run, plan) if run.trainer.elastic else [plan.num_workers]
     feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
     run_id = claim_run(run)  # this run's own place in the storage, and <run_dir>/run.json
     worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir), run_id=run_id)
     loop_config = {"worker": ray.put(worker)}  # by reference: only the workers unpickle it (train_loop.train_loop)
-    trainer = interrupt_noting(TorchTrainer)(
+    trainer = interrupt_noting(elastic_over(TorchTrainer, counts))(
         train_loop,
         train_loop_config=loop_config,
-        # PACK (Ray's default, said here): fill one node's GPUs before the next, so NCCL stays on NVLink within a node
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+        # PACK (Ray's default, said here): fill one node's GPUs before the next, so NCCL stays on NVLink within a node.
+        # Elastic: (fewest, planned) workers; Ray Train restarts on as many as it can place (elastic_over)
+        scaling_config=ray.train.ScalingConfig(num_workers=(counts[0], plan.num_workers) if len(counts) > 1
+                                               else plan.num_workers, use_gpu=plan.use_gpu,
                                                placement_strategy="PACK",
                                                resources_per_worker=worker_resources(run, plan)),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
@@ -131,6 +135,11 @@ def run_training(run: RunConfig, plan: Plan):
         ),
     )
     console.note(link_ray_logs(run.run_dir))  # where the libraries' output went (orchestrator/logs.py)
+    if len(counts) > 1:
+        fewer = ", ".join(str(c) for c in reversed(counts[:-1]))
+        console.note(f"elastic: where a restart cannot place all {plan.num_workers} workers, the run continues on "
+                     f"{fewer} worker(s), keeping the global batch of {plan.global_batch_size} rows "
+                     f"(more accumulation; trainer.min_workers={counts[0]})")
     view = ProgressView(feed, terminal=sys.stdout.isatty())
     fit_started_at = time.time()  # for the start-up account: before this, imports, Ray's start and the plan
     try:
@@ -158,6 +167,22 @@ def worker_resources(run: RunConfig, plan: Plan) -> Optional[dict]:
     if not plan.use_gpu or fraction is None or fraction >= 1:
         return None
     return {"GPU": fraction, "CPU": 1}
+
+
+def elastic_over(trainer_class, worker_counts: Sequence[int]):
+    """The trainer class, whose Ray Train controller restarts only on the given worker counts (those that keep
+    the global batch: orchestrator.restarts.elastic_scaling_policy); the class itself where there is one count."""
+    if len(worker_counts) < 2:
+        return trainer_class
+    from orchestrator.restarts import elastic_scaling_policy
+
+    class Elastic(trainer_class):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["scaling_policy"] = elastic_scaling_policy(self.scaling_config, list(worker_counts))
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    Elastic.__name__ = Elastic.__qualname__ = trainer_class.__name__
+    return Elastic
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C

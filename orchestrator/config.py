@@ -239,6 +239,10 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest K checkpoints kept
     save_final: bool = True  # the final checkpoint and Hugging Face export (false: benchmarks, smoke runs)
     max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
+    # after a failure, continue on fewer workers (down to min_workers) when fewer can be placed, keeping the
+    # global batch by more accumulation (strategy=full / full_offload: their checkpoints are re-partitioned)
+    elastic: bool = False
+    min_workers: Optional[int] = None  # fewest workers an elastic run continues on; null = 1
     max_nonfinite_steps: int = 3  # consecutive steps with a NaN/inf loss before the run stops (no export)
     seed: int = 42
     precision: Precision = Precision.auto
@@ -389,6 +393,15 @@ def validate(run: RunConfig) -> None:
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "an integer >= 0")
+    _check(t.min_workers is None or t.min_workers >= 1, "trainer.min_workers", t.min_workers,
+           "an integer >= 1, or null (1)")
+    _check(t.min_workers is None or t.elastic, "trainer.min_workers", t.min_workers,
+           "null unless trainer.elastic=true (a run that is not elastic always runs on all its workers)")
+    _check(not t.elastic or t.max_failures >= 1, "trainer.elastic", t.elastic,
+           "true only with trainer.max_failures >= 1 (it continues on fewer workers when a failure restarts them)")
+    _check(not t.elastic or run.strategy in (Strategy.auto, Strategy.full, Strategy.full_offload), "trainer.elastic",
+           t.elastic, f"false with strategy={run.strategy.value}: only strategy=full and full_offload checkpoints can "
+           "be re-partitioned onto fewer workers")
     _check(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", t.max_nonfinite_steps,
            "an integer >= 1 (consecutive steps with a non-finite loss before the run stops)")
     _check(t.early_stopping_mode in ("min", "max"), "trainer.early_stopping_mode", t.early_stopping_mode, "min or max")

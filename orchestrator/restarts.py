@@ -83,3 +83,49 @@ class FaultDrill:
             return
         open(self.marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def elastic_worker_counts(run: RunConfig, plan) -> list:
+    """trainer.elastic: the worker counts, fewest first, that the run may continue on after a failure (from
+    trainer.min_workers, default 1, to the plan's), each one that keeps the global batch (Plan.for_workers: workers x
+    micro-batch must divide it). A UserError where the run cannot be elastic: a strategy whose checkpoints cannot be
+    re-partitioned (the planner's pick, where strategy=auto), or no count below the plan's that keeps the batch."""
+    from orchestrator.errors import UserError
+
+    lowest = run.trainer.min_workers or 1
+    if plan.strategy.value not in ("full", "full_offload"):
+        raise UserError(f"trainer.elastic=true is not allowed with strategy={plan.strategy.value} (the plan's): only "
+                        "strategy=full and full_offload checkpoints can be re-partitioned onto fewer workers; set "
+                        "strategy=full, or trainer.elastic=false")
+    if lowest > plan.num_workers:
+        raise UserError(f"trainer.min_workers={lowest} is not allowed: the plan has {plan.num_workers} worker(s); "
+                        f"set it to at most {plan.num_workers}")
+    counts = []
+    for workers in range(lowest, plan.num_workers + 1):
+        try:
+            counts.append(plan.for_workers(workers).num_workers)
+        except UserError:
+            continue
+    if counts == [plan.num_workers] and lowest < plan.num_workers:
+        raise UserError(f"trainer.min_workers={lowest} is not allowed: the global batch of {plan.global_batch_size} "
+                        f"rows cannot be kept on any of {lowest}-{plan.num_workers - 1} worker(s) x micro-batch "
+                        f"{plan.micro_batch_size}; set trainer.min_workers=1, or a global batch that fewer workers "
+                        "divide")
+    return counts
+
+
+def elastic_scaling_policy(scaling_config, worker_counts: list):
+    """Ray Train's elastic policy (ScalingConfig(num_workers=(min, max))), restarting only on a worker count that
+    keeps the global batch: the largest of worker_counts that the cluster can place. Ray's own would take any count
+    in the range (3 of 4 workers for a global batch that 3 do not divide). The class is made here, so that it is
+    pickled by value to Ray Train's controller, which then imports nothing of ours (nor torch)."""
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+    allowed = sorted(worker_counts)
+
+    class GlobalBatchKeeping(ElasticScalingPolicy):
+        def _count_possible_workers(self, reserved_resources) -> int:
+            placeable = super()._count_possible_workers(reserved_resources)
+            return max((count for count in allowed if count <= placeable), default=0)
+
+    return GlobalBatchKeeping(scaling_config=scaling_config)

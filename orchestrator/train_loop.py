@@ -103,6 +103,11 @@ class Recipe:
         transformers.logging.set_verbosity_error()
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.resized = None  # trainer.elastic: Ray Train started fewer (or more) workers than the plan's
+        if self.world_size != self.plan.num_workers:  # the same global batch: more or less accumulation
+            planned, self.plan = self.plan, self.plan.for_workers(self.world_size)
+            self.resized = {"workers/planned": planned.num_workers, "workers/ran": self.world_size,
+                            "workers/grad_accum": self.plan.grad_accum}
         self.sender = ProgressSender(self.worker.feed if self.rank == 0 else None)
         if self.rank == 0:
             forward_own_warnings(self.sender)  # ours reach the driver's console; the libraries' stay in the log
@@ -183,6 +188,13 @@ class Recipe:
             self.tracker.note(f"resumed at step {self.state.step}" + (
                 f" after {self.state.restarts} restart(s), {self.state.repeated_steps} step(s) repeated"
                 if checkpoint is not None else ""))
+        if self.resized or "workers/ran" in self.state.notes:  # this start's: a later restart may place them all
+            self.state.notes.update(self.resized or {"workers/ran": self.world_size,
+                                                     "workers/grad_accum": self.plan.grad_accum})
+        if self.resized:
+            self.tracker.note(f"elastic: running on {self.world_size} of the plan's {self.resized['workers/planned']} "
+                              f"workers, {self.plan.grad_accum} accumulation step(s) keep the global batch of "
+                              f"{self.plan.global_batch_size} rows")
         resharded = saved.get("resharded")  # written by another number of workers (checkpoint.load_resharded)
         if resharded:
             self.state.notes["resume/reshard_s"] = resharded["seconds"]
