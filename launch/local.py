@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Optional, Sequence
 
 import psutil
 
-from orchestrator.checkpoint import EXPORT_DIR, storage_root
+from orchestrator.checkpoint import EXPORT_DIR, copy_out, is_uri, storage_root
 from orchestrator.config import ClusterConfig, RunConfig
 from orchestrator.errors import UserError
 from orchestrator.plan import ClusterResources, Plan
@@ -245,8 +244,11 @@ def report_interrupt(run: Optional[RunConfig], overrides: Sequence[str] = ()) ->
         storage = storage or storage_root(run)
         with warnings.catch_warnings():  # the checkpoint being written when Ctrl-C came is incomplete: not news
             warnings.simplefilter("ignore")
-            kept = newest_complete_checkpoint([storage]) if "://" not in storage else None
-    if kept is None and storage and "://" in storage:
+            try:  # a URI is read through its filesystem (an object store: over the network)
+                kept = newest_complete_checkpoint([storage])
+            except Exception:  # noqa: BLE001 - unreachable storage: the line below says where to look
+                kept = None
+    if kept is None and storage and is_uri(storage):
         sys.stderr.write(f"interrupted: the run's complete checkpoints are kept in {storage}; resume with the same "
                          "command and resume=auto\n")
     elif kept is None:
@@ -261,8 +263,9 @@ def report_interrupt(run: Optional[RunConfig], overrides: Sequence[str] = ()) ->
 
 
 def export_from(checkpoint, destination: str) -> None:
-    with checkpoint.as_directory() as directory:
-        shutil.copytree(os.path.join(directory, EXPORT_DIR), destination, dirs_exist_ok=True)
+    """The final checkpoint's export, copied to a local directory: from an object store only the export is
+    downloaded (checkpoint.copy_out), not the shards."""
+    copy_out(checkpoint, EXPORT_DIR, destination)
 
 
 def _find_user_error(err: BaseException) -> Optional[UserError]:

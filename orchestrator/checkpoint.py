@@ -15,6 +15,12 @@ node-local temporary directory, which every rank then loads its own new partitio
 included); the learning-rate scheduler and the client state come from rank 0's model states as usual. The driver
 keeps the checkpoint's global batch (keep_resumed_global_batch, check_resume_matches): more or fewer accumulation
 steps per worker.
+
+The storage (cluster.storage_path) is a path every node sees or a URI of a filesystem pyarrow opens (s3://, gs://,
+hdfs://, file://), resolved as Ray Train resolves it (pyarrow.fs.FileSystem.from_uri). Markers travel with the
+checkpoint (Ray uploads the ranks' directories); finding, checking and verifying a checkpoint read them, the sizes
+(one listing) and the checksums (every byte) where the checkpoint is, through the same filesystem (`Place`); loading
+one from a URI goes through Ray's Checkpoint.as_directory (a node-local download; a file:// URI is read in place).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import posixpath
 import random
 import shutil
 import tempfile
@@ -31,10 +38,10 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import torch
 
@@ -54,9 +61,10 @@ UNIVERSAL_DIR = "orchestrator-universal"  # under the node's TMPDIR: a checkpoin
 RESHARDABLE = (Strategy.full, Strategy.full_offload)  # strategies whose checkpoints resume on other worker counts
 
 
-def file_checksum(path: str) -> str:
-    """CRC-32 of a file, read 1 MiB at a time, as 8 hex digits. It catches overwritten or flipped bytes (not
-    tampering: it is no cryptographic hash), at the cost of one more read of every byte saved and resumed.
+def file_checksum(path: str, filesystem: Optional[pyarrow.fs.FileSystem] = None) -> str:
+    """CRC-32 of a file (on `filesystem`, else this machine's), read 1 MiB at a time, as 8 hex digits. It catches
+    overwritten or flipped bytes (not tampering: it is no cryptographic hash), at the cost of one more read of every
+    byte saved and resumed.
     Cost: 0.19 s per GiB (5.3 GiB/s) on the 2-core AMD EPYC CPU machine, a 1 GiB file in the page cache (as
     after a save; a cold read from storage adds the disk's time), one core per rank:
       python -c "import os,time;from orchestrator.checkpoint import file_checksum as c;p='/var/tmp/g';\
@@ -65,24 +73,31 @@ def file_checksum(path: str) -> str:
     (xxhash's xxh3 0.05, but only wandb installs it).
     """
     value = 0
-    with open(path, "rb") as handle:
+    with open(path, "rb") if filesystem is None else filesystem.open_input_stream(path) as handle:
         while chunk := handle.read(CHUNK):
             value = zlib.crc32(chunk, value)
     return f"{value:08x}"
 
 
-_checksums: Dict[Tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) → checksum, this process
+_checksums: Dict[Tuple[Any, ...], str] = {}  # (path, inode, size, mtime) → checksum, this process
 
 
-def _verified_checksum(file: str) -> str:
+def _verified_checksum(file: "Place") -> str:
     """Once per file and version in a process (a restart looks at the same checkpoint twice, restarts.py). Files
-    changed in the last seconds are not remembered: their mtime may not yet tell the next change from this one."""
-    stat = os.stat(file)
-    key = (os.path.realpath(file), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    changed in the last seconds are not remembered: their mtime may not yet tell the next change from this one.
+    In an object store the key is the object's path, size and modification time (no inode)."""
+    if file.local:
+        stat = os.stat(file.path)
+        key: Tuple[Any, ...] = (os.path.realpath(file.path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        modified = stat.st_mtime
+    else:
+        info = file.info()
+        key = (file.fs.type_name, file.path, info.size, info.mtime_ns)
+        modified = info.mtime.timestamp() if info.mtime is not None else time.time()
     if key in _checksums:
         return _checksums[key]
-    value = file_checksum(file)
-    if time.time() - stat.st_mtime > 2:
+    value = file_checksum(file.path) if file.local else file_checksum(file.path, file.fs)
+    if time.time() - modified > 2:
         if len(_checksums) > 4096:
             _checksums.clear()
         _checksums[key] = value
@@ -130,9 +145,9 @@ def report_metrics_only(metrics: Dict[str, Any], rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def metrics_only(path: str) -> bool:
+def metrics_only(path: "Location") -> bool:
     """A report_metrics_only checkpoint: metrics, no weights; nothing to resume or restart from."""
-    return os.path.isfile(os.path.join(path, METRICS_ONLY))
+    return Place.of(path).child(METRICS_ONLY).is_file()
 
 
 def _world_size() -> int:
@@ -189,12 +204,16 @@ def gathered(engine, model):
 
 
 def restore(engine, directory: Optional[str]) -> Dict[str, Any]:
-    """Load model, optimizer, scheduler and this rank's RNG state; returns the client state saved with
-    the checkpoint (its "step" is where to continue), or {} without a checkpoint. A ZeRO-3 checkpoint written by
-    another number of workers is converted and loaded as a universal checkpoint (load_resharded); the client state
-    then also holds "resharded": {"from": saved workers, "to": these, "seconds": the conversion and load}."""
+    """Load model, optimizer, scheduler and this rank's RNG state from a local directory or a checkpoint's URI;
+    returns the client state saved with the checkpoint (its "step" is where to continue), or {} without one. A ZeRO-3
+    checkpoint written by another number of workers is converted and loaded as a universal checkpoint
+    (load_resharded); the client state then also holds "resharded": {"from": saved workers, "to": these,
+    "seconds": the conversion and load}."""
     if directory is None:
         return {}
+    if is_uri(directory):  # resume= a URI (an object store): read from a node-local copy, as Ray's restarts are
+        with as_checkpoint(directory).as_directory() as local:
+            return restore(engine, local)
     deepspeed_dir = os.path.join(directory, DEEPSPEED_DIR)
     saved_workers, workers = saved_zero_world_size(deepspeed_dir), _world_size()
     if saved_workers and saved_workers != workers and _is_zero3(engine):
@@ -284,75 +303,206 @@ def _local_rank() -> int:
         return int(os.environ.get("LOCAL_RANK", 0))
 
 
-# --- finding a checkpoint to resume from ---------------------------------------------------------------
+# --- where checkpoints are: a path every node sees, or a URI of a filesystem pyarrow opens -------------------
+
+Location = Union[str, "ray.train.Checkpoint"]  # a local path, a URI (s3://, gs://, file://), or Ray's checkpoint
+
+
+def is_uri(location: str) -> bool:
+    """A URI (scheme://...), which pyarrow's filesystem layer resolves as Ray Train does; else a local path."""
+    return "://" in str(location)
+
+
+def _open_uri(uri: str) -> Tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path on it) of a URI, as Ray Train resolves RunConfig(storage_path) (storage.get_fs_and_path)."""
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def join(location: str, *parts: str) -> str:
+    """`parts` under a local path or a URI (a URI's ?query stays at the end: s3://b/p?region=x)."""
+    if not is_uri(location):
+        return os.path.join(location, *parts)
+    base, sep, query = location.partition("?")
+    return posixpath.join(base, *parts) + sep + query
+
+
+@dataclass(frozen=True)
+class Place:
+    """A file or directory of the checkpoint storage: its filesystem, its path there, and its name (a local path or a
+    URI, as the user gave the storage: what messages show and resume= takes back)."""
+
+    fs: Any
+    path: str
+    name: str
+
+    @classmethod
+    def of(cls, location: Union[Location, "Place"]) -> "Place":
+        if isinstance(location, Place):
+            return location
+        if isinstance(location, ray.train.Checkpoint):  # Ray's own: (filesystem, path), as it persisted it
+            fs, path = location.filesystem, location.path
+            local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+            return cls(fs, path, path if local else f"{fs.type_name}://{path.lstrip('/')}")
+        location = str(location)
+        if is_uri(location):
+            fs, path = _open_uri(location)
+            return cls(fs, path, location)
+        return cls(pyarrow.fs.LocalFileSystem(), os.path.abspath(location), location)
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
+    def child(self, *parts: str) -> "Place":
+        return Place(self.fs, posixpath.join(self.path, *parts), join(self.name, *parts))
+
+    def info(self) -> pyarrow.fs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def is_dir(self) -> bool:
+        return self.info().type == pyarrow.fs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.info().type == pyarrow.fs.FileType.File
+
+    def read_text(self) -> str:
+        with self.fs.open_input_stream(self.path) as handle:
+            return handle.read().decode("utf-8")
+
+    def listing(self, recursive: bool = False) -> List[pyarrow.fs.FileInfo]:
+        """What is under it (nothing where it does not exist)."""
+        return self.fs.get_file_info(pyarrow.fs.FileSelector(self.path, allow_not_found=True, recursive=recursive))
+
+    def below(self, info: pyarrow.fs.FileInfo) -> "Place":
+        """The place of an entry of its listing."""
+        relative = posixpath.relpath(info.path.lstrip("/"), self.path.lstrip("/").rstrip("/") or ".")
+        return self.child(relative)
+
+
+def as_checkpoint(location: Location) -> "ray.train.Checkpoint":
+    """Ray's Checkpoint of a local path or URI, on the filesystem resolved here: as_directory() is the directory
+    itself on a local filesystem (file:// included), else a download to a node-local temporary directory."""
+    if isinstance(location, ray.train.Checkpoint):
+        return location
+    place = Place.of(location)
+    return ray.train.Checkpoint(place.path, filesystem=place.fs)  # this filesystem: no second resolution
+
+
+def copy_out(checkpoint: Location, inside: str, destination: str) -> None:
+    """Copy one directory of a checkpoint (the export: EXPORT_DIR) to a local directory; from an object store only
+    that directory is downloaded, not the shards."""
+    source = Place.of(checkpoint).child(inside)
+    if source.local:
+        shutil.copytree(source.path, destination, dirs_exist_ok=True)
+        return
+    os.makedirs(destination, exist_ok=True)
+    pyarrow.fs.copy_files(source.path, destination, source_filesystem=source.fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+
 
 def storage_root(run) -> str:
-    """Where Ray Train writes the runs' checkpoints: <root>/<name>/<run id>/checkpoint_* (run_identity.run_storage)."""
+    """Where Ray Train writes the runs' checkpoints: <root>/<name>/<run id>/checkpoint_* (run_identity.run_storage).
+    cluster.storage_path: a path every node sees, or a URI (s3://, gs://, file://...); else the run directory."""
     return run.cluster.storage_path or os.path.join(run.run_dir, "checkpoints")
 
 
+SCHEMES = "s3://bucket/path, gs://bucket/path, hdfs://host/path, file:///absolute/path"
+
+
+def check_storage(run) -> None:
+    """On the driver, before Ray starts: cluster.storage_path is an absolute path or a URI that pyarrow's filesystem
+    layer opens (the one Ray Train writes through), else a UserError naming it. A relative path is made absolute
+    (the workers run in another working directory)."""
+    location = run.cluster.storage_path
+    if not location:
+        return
+    if not is_uri(location):
+        run.cluster.storage_path = os.path.abspath(os.path.expanduser(location))
+        return
+    try:
+        _open_uri(location)
+    except Exception as err:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError...) are the user's to fix
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cluster.storage_path={location}: pyarrow's filesystem layer cannot open it ({reason}); "
+                        f"give a path every node sees, or a URI such as {SCHEMES}") from None
+
+
+# --- finding a checkpoint to resume from ---------------------------------------------------------------
+
 @dataclass
 class CheckpointInfo:
-    path: str
+    path: str  # a local path or a URI
     step: int
 
 
 INCOMPLETE = "a rank did not finish writing it"
 
 
-def checkpoint_info(path: str) -> Optional[CheckpointInfo]:
+def checkpoint_info(path: Location) -> Optional[CheckpointInfo]:
     """The checkpoint's step if every rank finished writing it and its files are as written, else None."""
     return check_checkpoint(path)[0]
 
 
-def check_checkpoint(path: str, verify: bool = True) -> Tuple[Optional[CheckpointInfo], str]:
+def check_checkpoint(path: Location, verify: bool = True) -> Tuple[Optional[CheckpointInfo], str]:
     """(the checkpoint, "") if complete and (with verify) every file matches its rank's checksum, else
-    (None, why not). Markers without checksums (written before they were added) are checked by size only."""
-    info, markers, why = _complete(path)
+    (None, why not). Markers without checksums (written before they were added) are checked by size only.
+    `path`: a local path, a URI or Ray's Checkpoint; the files are read where it is (an object store included)."""
+    place = Place.of(path)
+    info, markers, why = _complete(place)
     if info is None:
         return None, why
     if verify:
-        corrupted = _corrupted_file(path, markers)
+        corrupted = _corrupted_file(place, markers)
         if corrupted:
             return None, corrupted
     return info, ""
 
 
-def _complete(path: str) -> Tuple[Optional[CheckpointInfo], List[Dict[str, Any]], str]:
+def _complete(place: Place) -> Tuple[Optional[CheckpointInfo], List[Dict[str, Any]], str]:
     """Every rank's marker there, for one step, and every file they list at its size: (the checkpoint, the markers,
     "") or (None, [], why not). A marker that is not what save_and_report writes is a reason, not a traceback."""
-    contents, why = read_markers(path)
+    contents, why = read_markers(place)
     if why:
         return None, [], why
     world_size, step = contents[0]["world_size"], contents[0]["step"]
     ranks = {c["rank"] for c in contents}
     if ranks != set(range(world_size)) or any(c["step"] != step for c in contents):
         return None, [], INCOMPLETE
+    sizes = _file_sizes(place)  # one listing: one request to an object store, not one per file
     for content in contents:
         for name, size in content["files"].items():
-            file = os.path.join(path, name)
-            if not os.path.isfile(file) or os.path.getsize(file) != size:
+            if sizes.get(posixpath.normpath(name)) != size:
                 return None, [], INCOMPLETE
-    return CheckpointInfo(path, step), contents, ""
+    return CheckpointInfo(place.name, step), contents, ""
 
 
-def read_markers(path: str) -> Tuple[List[Dict[str, Any]], str]:
+def _file_sizes(place: Place) -> Dict[str, int]:
+    """Every file under a checkpoint, by its path relative to it ("/"-separated), with its size in bytes."""
+    base = place.path.lstrip("/").rstrip("/")
+    return {posixpath.relpath(info.path.lstrip("/"), base): info.size for info in place.listing(recursive=True)
+            if info.type == pyarrow.fs.FileType.File}
+
+
+def read_markers(path: Location) -> Tuple[List[Dict[str, Any]], str]:
     """Every rank's marker of a checkpoint, parsed and checked for the keys save_and_report writes: (markers, "") or
     ([], why not): none there yet (INCOMPLETE), or one that cannot be read, is not JSON or lacks a key."""
-    files = sorted(glob.glob(os.path.join(path, MARKER_DIR, "rank_*.json")))
+    folder = Place.of(path).child(MARKER_DIR)
+    names = sorted(posixpath.basename(info.path) for info in folder.listing()
+                   if info.type == pyarrow.fs.FileType.File)
+    files = [folder.child(name) for name in names if name.startswith("rank_") and name.endswith(".json")]
     if not files:
         return [], INCOMPLETE
     contents = []
     for file in files:
         try:
-            content = json.loads(Path(file).read_text(encoding="utf-8"))
+            content = json.loads(file.read_text())
         except OSError as err:
-            return [], f"its marker {file} cannot be read ({err.strerror or err})"
+            return [], f"its marker {file.name} cannot be read ({err.strerror or err})"
         except ValueError:
-            return [], f"its marker {file} is not valid JSON (cut short, or changed since it was written)"
+            return [], f"its marker {file.name} is not valid JSON (cut short, or changed since it was written)"
         problem = _malformed(content)
         if problem:
-            return [], f"its marker {file} is malformed ({problem})"
+            return [], f"its marker {file.name} is malformed ({problem})"
         contents.append(content)
     return contents, ""
 
@@ -377,37 +527,52 @@ def _malformed(content: Any) -> str:
     return ""
 
 
-def _corrupted_file(path: str, markers: List[Dict[str, Any]]) -> str:
+def _corrupted_file(place: Place, markers: List[Dict[str, Any]]) -> str:
     """Why the first file whose bytes differ from what its rank recorded fails, or "" if none does."""
     for content in markers:
         for name, expected in content.get(CHECKSUM, {}).items():
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                return f"{file} is listed by rank {content['rank']}'s marker but missing"
+            file = place.child(name)
+            if not file.is_file():
+                return f"{file.name} is listed by rank {content['rank']}'s marker but missing"
             if _verified_checksum(file) != expected:
-                return (f"{file} does not match the checksum rank {content['rank']} recorded when it wrote it "
+                return (f"{file.name} does not match the checksum rank {content['rank']} recorded when it wrote it "
                         "(its bytes changed since)")
     return ""
 
 
+def _checkpoints_under(location: str) -> List[Tuple[Tuple[str, str], Place, int]]:
+    """Every checkpoint_* directory at any depth under a local path or URI: (what tells it from the others, its place,
+    its modification time in ns, 0 where the store gives none). Found under a URI, it is named by a URI."""
+    root = Place.of(location)
+    found = []
+    for info in root.listing(recursive=True):
+        if info.type == pyarrow.fs.FileType.Directory and posixpath.basename(info.path).startswith("checkpoint_"):
+            place = root.below(info)
+            # one search root may lie inside another, or be reached through a link: each checkpoint once
+            key = (place.fs.type_name, os.path.realpath(place.path) if place.local else place.path)
+            if place.local and not is_uri(location):
+                place = Place(place.fs, key[1], key[1])
+            found.append((key, place, info.mtime_ns or 0))
+    return found
+
+
 def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInfo]:
-    """The complete checkpoint with the highest step under any of `search_dirs` (newest on a tie);
-    incomplete ones are skipped with a warning, and so are corrupted ones. Checksums are verified newest first,
+    """The complete checkpoint with the highest step under any of `search_dirs` (local paths or URIs; newest on a
+    tie); incomplete ones are skipped with a warning, and so are corrupted ones. Checksums are verified newest first,
     down to the first that passes: older checkpoints are not read."""
-    found: List[CheckpointInfo] = []
+    found: List[Tuple[CheckpointInfo, int]] = []
     # one search root may lie inside another (the default storage is inside the runs directory): each once
-    paths = {os.path.realpath(path) for directory in search_dirs
-             for path in glob.glob(os.path.join(directory, "**", "checkpoint_*"), recursive=True)}
-    for path in sorted(paths):
-        if not os.path.isdir(path) or metrics_only(path):
+    places = {key: (place, mtime) for directory in search_dirs for key, place, mtime in _checkpoints_under(directory)}
+    for _, (place, mtime) in sorted(places.items()):
+        if metrics_only(place):
             continue
-        info, why = check_checkpoint(path, verify=False)
+        info, why = check_checkpoint(place, verify=False)
         if info is None:
-            warnings.warn(f"skipping incomplete checkpoint {path} ({why})" if why == INCOMPLETE else
-                          f"skipping corrupted checkpoint {path}: {why}", stacklevel=2)
+            warnings.warn(f"skipping incomplete checkpoint {place.name} ({why})" if why == INCOMPLETE else
+                          f"skipping corrupted checkpoint {place.name}: {why}", stacklevel=2)
             continue
-        found.append(info)
-    for info in sorted(found, key=lambda info: (info.step, os.path.getmtime(info.path)), reverse=True):
+        found.append((info, mtime))
+    for info, _ in sorted(found, key=lambda pair: (pair[0].step, pair[1]), reverse=True):
         verified, why = check_checkpoint(info.path)
         if verified is not None:
             return verified
@@ -417,16 +582,21 @@ def newest_complete_checkpoint(search_dirs: List[str]) -> Optional[CheckpointInf
 
 def resolve_resume(resume: Optional[str], run_dir: str, storage_root: str) -> Optional[CheckpointInfo]:
     """resume=null → None; resume=auto → the newest complete checkpoint of this experiment (earlier runs
-    of the same name, which share the parent of run_dir, or storage_root); resume=<dir> → that checkpoint,
+    of the same name, which share the parent of run_dir, or storage_root); resume=<dir or URI> → that checkpoint,
     or the newest complete one inside that run directory."""
     if not resume:
         return None
     if resume == "auto":
         runs_of_this_name = os.path.dirname(os.path.abspath(run_dir))
         return newest_complete_checkpoint([runs_of_this_name, storage_root])
-    if not os.path.isdir(resume):
+    try:
+        exists = Place.of(resume).is_dir()
+    except Exception as err:  # noqa: BLE001 - a URI pyarrow cannot open
+        raise UserError(f"resume={resume} cannot be opened ({(str(err).splitlines() or [''])[0]}): give a "
+                        "checkpoint or run directory, a checkpoint's URI, or resume=auto") from None
+    if not exists:
         raise UserError(f"resume={resume} does not exist: give a checkpoint or run directory, or resume=auto")
-    if os.path.basename(resume.rstrip("/")).startswith("checkpoint_"):
+    if posixpath.basename(resume.partition("?")[0].rstrip("/")).startswith("checkpoint_"):
         info, why = check_checkpoint(resume)
         if why == INCOMPLETE:
             raise UserError(f"resume={resume} is an incomplete checkpoint ({INCOMPLETE}); "

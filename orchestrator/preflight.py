@@ -187,10 +187,13 @@ def check_encoded(run: RunConfig, raw) -> int:
 
 
 def resume_from(run: RunConfig) -> None:
-    """resume=auto / a run directory → the checkpoint directory itself (complete ones only)."""
-    from orchestrator.checkpoint import resolve_resume
+    """resume=auto / a run directory → the checkpoint directory itself (complete ones only); a local path, or a URI
+    where cluster.storage_path is one (or resume= names one). First cluster.storage_path is checked: a URI that
+    pyarrow's filesystem layer cannot open stops here, before Ray starts."""
+    from orchestrator.checkpoint import check_storage, resolve_resume
     from orchestrator.run_identity import check_run_dir, run_storage
 
+    check_storage(run)  # a path (made absolute), or a URI pyarrow opens
     check_run_dir(run)  # another run's directory is continued only when resume= asks for it
     requested = run.resume
     info = resolve_resume(requested, run.run_dir, run_storage(run, None))  # this experiment's runs only

@@ -13,7 +13,7 @@ from typing import Optional
 
 import ray.train
 
-from orchestrator.checkpoint import checkpoint_info, metrics_only, newest_complete_checkpoint
+from orchestrator.checkpoint import Place, as_checkpoint, checkpoint_info, metrics_only, newest_complete_checkpoint
 from orchestrator.config import RunConfig
 from orchestrator.files import write_json_atomically
 from orchestrator.run_identity import run_storage, written_by
@@ -25,21 +25,21 @@ def restart_checkpoint(run: RunConfig, run_id: Optional[str] = None) -> Optional
     and may not have happened at all when a worker dies soon after a save), so take the newer of the two. With a
     run id (run_identity.py) the run's storage directory is its own: a complete checkpoint there is this run's,
     registered or not, and a registered one whose markers name another run is not continued."""
-    registered = ray.train.get_checkpoint()
-    if registered is not None and metrics_only(registered.path):
+    registered = ray.train.get_checkpoint()  # (filesystem, path): the storage's, a URI's included
+    if registered is not None and metrics_only(registered):
         return None  # only a finished run's metrics (trainer.save_final=false)
-    if registered is not None and run_id and os.path.isdir(registered.path) and \
-            written_by(registered.path) not in (None, run_id):
-        warnings.warn(f"not restarting from {registered.path}: run {written_by(registered.path)} wrote it, not "
+    if registered is not None and run_id and Place.of(registered).is_dir() and \
+            written_by(registered) not in (None, run_id):
+        warnings.warn(f"not restarting from {Place.of(registered).name}: run {written_by(registered)} wrote it, not "
                       f"this run ({run_id})", stacklevel=2)
         registered = None
     if registered is None and not run_id:
         return None  # the experiment's directory may hold other runs' checkpoints: only Ray's word counts
     on_disk = newest_complete_checkpoint([run_storage(run, run_id)])
-    registered_info = (checkpoint_info(registered.path) if registered is not None and os.path.isdir(registered.path)
+    registered_info = (checkpoint_info(registered) if registered is not None and Place.of(registered).is_dir()
                        else None)
     if on_disk is not None and (registered_info is None or on_disk.step > registered_info.step):
-        return ray.train.Checkpoint(on_disk.path)
+        return as_checkpoint(on_disk.path)  # a local path or a URI, on the storage's filesystem
     return registered
 
 

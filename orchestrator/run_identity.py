@@ -27,7 +27,7 @@ import secrets
 import time
 from typing import Any, Dict, Optional
 
-from orchestrator.checkpoint import read_markers, storage_root
+from orchestrator.checkpoint import Location, join, read_markers, storage_root
 from orchestrator.config import RunConfig
 from orchestrator.errors import UserError
 from orchestrator.files import write_json_atomically
@@ -62,9 +62,10 @@ def ray_run_name(run: RunConfig, run_id: str) -> str:
 
 
 def run_storage(run: RunConfig, run_id: Optional[str]) -> str:
-    """Where Ray Train writes this run's checkpoints (without a run id: the experiment's directory, as before)."""
-    experiment = os.path.join(storage_root(run), run.name)
-    return os.path.join(experiment, run_id) if run_id else experiment
+    """Where Ray Train writes this run's checkpoints (without a run id: the experiment's directory, as before): a
+    local path, or a URI where cluster.storage_path is one."""
+    experiment = join(storage_root(run), run.name)
+    return join(experiment, run_id) if run_id else experiment
 
 
 def check_run_dir(run: RunConfig) -> None:
@@ -108,9 +109,9 @@ def read_run_file(run_dir: str) -> Dict[str, Any]:
     return content if isinstance(content, dict) else {}
 
 
-def written_by(checkpoint_path: str) -> Optional[str]:
-    """The run id in a checkpoint's markers; None where it cannot be told (not on this machine, or written before
-    run ids)."""
+def written_by(checkpoint_path: Location) -> Optional[str]:
+    """The run id in a checkpoint's markers (a local path, a URI or Ray's Checkpoint); None where it cannot be told
+    (no markers there, or written before run ids)."""
     markers, _ = read_markers(checkpoint_path)
     ids = {m.get("run_id") for m in markers}
     return ids.pop() if len(ids) == 1 else None
