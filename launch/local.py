@@ -168,6 +168,9 @@ def worker_resources(run: RunConfig, plan: Plan) -> Optional[dict]:
     return {"GPU": fraction, "CPU": 1}
 
 
+ELASTIC_START_TIMEOUT_ENV, ELASTIC_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 20
+
+
 def elastic_over(trainer_class, worker_counts: Sequence[int]):
     """The trainer class, whose Ray Train controller restarts only on the given worker counts (those that keep
     the global batch: orchestrator.restarts.elastic_scaling_policy); the class itself where there is one count."""
@@ -178,7 +181,16 @@ def elastic_over(trainer_class, worker_counts: Sequence[int]):
     class Elastic(trainer_class):
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             controller_init_kwargs["scaling_policy"] = elastic_scaling_policy(self.scaling_config, list(worker_counts))
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
+            # A restart decided before Ray has noticed that a node is gone asks for all the workers, and waits for
+            # them this long (Ray's default: 60 s) before it decides again, on what is left. The controller reads it
+            # from the driver's environment as it starts (a user's own setting wins).
+            own = os.environ.get(ELASTIC_START_TIMEOUT_ENV)
+            os.environ[ELASTIC_START_TIMEOUT_ENV] = own or str(ELASTIC_START_TIMEOUT_S)
+            try:
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+            finally:
+                if own is None:
+                    os.environ.pop(ELASTIC_START_TIMEOUT_ENV, None)
 
     Elastic.__name__ = Elastic.__qualname__ = trainer_class.__name__
     return Elastic

@@ -128,4 +128,27 @@ def elastic_scaling_policy(scaling_config, worker_counts: list):
             placeable = super()._count_possible_workers(reserved_resources)
             return max((count for count in allowed if count <= placeable), default=0)
 
+        def make_decision_for_non_running_worker_group(self):
+            self.deciding_a_restart = True  # the cluster as it is now, not as of the coordinator's last tick (20 s)
+            try:
+                return super().make_decision_for_non_running_worker_group()
+            finally:
+                self.deciding_a_restart = False
+
+        def _get_reserved_resources(self):
+            import time
+
+            import ray
+
+            if not getattr(self, "deciding_a_restart", False) or \
+                    time.monotonic() - getattr(self, "recomputed_at", float("-inf")) < 1:
+                return super()._get_reserved_resources()
+            self.recomputed_at = self._latest_reserved_resources_query_time = time.monotonic()
+            try:  # the coordinator re-reads the nodes (a dead one drops out once Ray's health check has found it)
+                self._latest_reserved_resources = ray.get(self._autoscaling_coordinator.get_reserved_resources.remote(
+                    self._requester_id, recompute=True), timeout=5)
+            except Exception:  # noqa: BLE001 - as Ray's own: no resize on this round
+                return super()._get_reserved_resources()
+            return self._latest_reserved_resources
+
     return GlobalBatchKeeping(scaling_config=scaling_config)

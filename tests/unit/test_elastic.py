@@ -3,6 +3,7 @@ scaling policy that restarts only on those, and the worker adopting the plan for
 
 from __future__ import annotations
 
+import os
 import pickle
 from unittest import mock
 
@@ -68,6 +69,42 @@ def test_the_policy_restarts_on_a_count_that_keeps_the_global_batch():
     # pickled by value for Ray Train's controller, which need not import orchestrator
     again = pickle.loads(cloudpickle.dumps(policy))
     assert again._count_possible_workers({"a": {"CPU": 3}}) == 2
+
+
+def test_a_restart_reads_the_cluster_as_it_is_now():
+    """Deciding a restart, the policy has the coordinator re-read the nodes (recompute=True) rather than take its
+    view of up to 20 s ago, which may still hold a lost node."""
+    from ray.train import ScalingConfig
+
+    policy = elastic_scaling_policy(ScalingConfig(num_workers=(1, 2)), [1, 2])
+    policy._requester_id = "train-x"
+    client = policy._coordinator_client = mock.Mock()
+    with mock.patch("ray.get", return_value={"a": {"CPU": 1}}), \
+            mock.patch.object(policy, "_maybe_send_resource_request"):
+        decision = policy.make_decision_for_non_running_worker_group()
+    client._autoscaling_coordinator.get_reserved_resources.remote.assert_called_once_with("train-x", recompute=True)
+    assert decision.num_workers == 1
+
+
+def test_the_elastic_trainer_runs_the_policy_with_a_shorter_placement_wait():
+    from ray.train import ScalingConfig
+
+    from launch.local import ELASTIC_START_TIMEOUT_ENV, elastic_over
+
+    class Trainer:  # Ray Train's DataParallelTrainer, as far as elastic_over uses it
+        scaling_config = ScalingConfig(num_workers=(1, 4))
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            return os.environ.get(ELASTIC_START_TIMEOUT_ENV), controller_init_kwargs["scaling_policy"]
+
+    assert elastic_over(Trainer, [4]) is Trainer
+    with mock.patch.dict(os.environ):
+        os.environ.pop(ELASTIC_START_TIMEOUT_ENV, None)
+        timeout, policy = elastic_over(Trainer, [1, 2, 4])()._initialize_and_run_controller(scaling_policy=None)
+        assert timeout == "20" and ELASTIC_START_TIMEOUT_ENV not in os.environ
+        assert policy._count_possible_workers({"a": {"CPU": 3}}) == 2
+        os.environ[ELASTIC_START_TIMEOUT_ENV] = "90"  # the user's own wins
+        assert elastic_over(Trainer, [1, 2, 4])()._initialize_and_run_controller(scaling_policy=None)[0] == "90"
 
 
 def test_the_worker_adopts_the_plan_for_the_workers_ray_started(tmp_path):
