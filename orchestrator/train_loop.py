@@ -284,7 +284,7 @@ class Recipe:
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             if self.fused_loss:  # the model returns the summed loss itself (kernels.attach_fused_loss)
-                loss = self.engine(**model_inputs(batch), labels=labels)
+                loss = self.engine(**model_inputs(batch), labels=kernels.fused_targets(labels))
             else:
                 loss, _ = loss_terms(self.engine(**model_inputs(batch)).logits, labels, task, self.class_weights)
             # DeepSpeed divides by accumulation steps and averages over ranks: undo both
