@@ -129,11 +129,19 @@ def elastic_scaling_policy(scaling_config, worker_counts: list):
             return max((count for count in allowed if count <= placeable), default=0)
 
         def make_decision_for_non_running_worker_group(self):
+            import time
+
+            from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+
             self.deciding_a_restart = True  # the cluster as it is now, not as of the coordinator's last tick (20 s)
             try:
-                return super().make_decision_for_non_running_worker_group()
+                decision = super().make_decision_for_non_running_worker_group()
             finally:
                 self.deciding_a_restart = False
+            # fewer than min_workers can be placed: Ray Train asks again at once, and its waiting would keep a core busy
+            if isinstance(decision, NoopDecision):
+                time.sleep(1)
+            return decision
 
         def _get_reserved_resources(self):
             import time

@@ -84,6 +84,11 @@ def test_a_restart_reads_the_cluster_as_it_is_now():
         decision = policy.make_decision_for_non_running_worker_group()
     client._autoscaling_coordinator.get_reserved_resources.remote.assert_called_once_with("train-x", recompute=True)
     assert decision.num_workers == 1
+    policy.recomputed_at = float("-inf")
+    with mock.patch("ray.get", return_value={}), mock.patch.object(policy, "_maybe_send_resource_request"), \
+            mock.patch("time.sleep") as sleep:  # none can be placed: Ray Train waits, without a busy loop
+        assert type(policy.make_decision_for_non_running_worker_group()).__name__ == "NoopDecision"
+    sleep.assert_called_once_with(1)
 
 
 def test_the_elastic_trainer_runs_the_policy_with_a_shorter_placement_wait():
