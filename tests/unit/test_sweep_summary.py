@@ -125,7 +125,8 @@ def test_the_best_trials_export_is_linked_from_the_sweep_directory(tmp_path):
     assert link.resolve() == (tmp_path / "0" / "export").resolve()
 
 
-@pytest.mark.parametrize("sweep,swept", [("auto", {"optim.lr_scale": "0.5,1,2", "trainer.epochs_scale": "1,1.5"}),
+@pytest.mark.parametrize("sweep,swept", [("auto", {"strategy_if_auto": "auto,full", "optim.lr_scale": "0.5,1",
+                                                  "trainer.epochs_scale": "1,1.5"}),
                                          ("auto_imbalanced", {"optim.lr_scale": "0.5,1,2",
                                                               "optim.class_weighting": "balanced,sqrt_balanced"}),
                                          ("auto_lora", {"optim.lr_scale": "0.5,1,2", "peft.rank": "8,32"})])
