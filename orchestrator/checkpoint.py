@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -385,7 +386,14 @@ def as_checkpoint(location: Location) -> "ray.train.Checkpoint":
     if isinstance(location, ray.train.Checkpoint):
         return location
     place = Place.of(location)
-    return ray.train.Checkpoint(place.path, filesystem=place.fs)  # this filesystem: no second resolution
+    checkpoint = ray.train.Checkpoint(place.path, filesystem=place.fs)  # this filesystem: no second resolution
+    if not place.local and hasattr(checkpoint, "_uuid"):
+        # Ray downloads into a temporary directory named by the Checkpoint object's random id, shared by the processes
+        # of a node that hold the same object (its file locks let one download and the last one delete it). Named by
+        # the checkpoint instead, the ranks of a node that each build one here share one download, and the same local
+        # path (load_resharded's conversion directory is named by it)
+        checkpoint._uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"{place.fs.type_name}:{place.path}")
+    return checkpoint
 
 
 def copy_out(checkpoint: Location, inside: str, destination: str) -> None:

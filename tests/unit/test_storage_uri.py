@@ -3,9 +3,9 @@ verifying checkpoints read their markers, sizes and checksums through pyarrow's 
 them, and hand back URIs that resume= takes.
 
 Two stores that need no network: file:// (pyarrow's LocalFileSystem, reached through the URI path), and an
-in-memory object store (fsspec's memory filesystem behind pyarrow.fs.PyFileSystem) whose paths are not this machine's
-paths at all (/bucket/..., on no disk), so that anything still reading the storage with os.path, open() or glob fails here. That
-store lives in one process: it stands in for an object store in these tests only, not across Ray workers.
+in-memory object store (fsspec's memory filesystem behind pyarrow.fs.PyFileSystem) whose paths are on no disk
+(/bucket/...), so that anything still reading the storage with os.path, open() or glob fails here. That store lives
+in one process: it stands in for an object store in these tests only, not across Ray workers (each would get its own).
 """
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ def test_an_object_store_checkpoint_is_checked_through_its_filesystem_only(tmp_p
     assert newest_complete_checkpoint(["memory://bucket/ckpt/legal"]).path == uri
     ray_checkpoint = checkpoint.as_checkpoint(uri)  # what a restart hands Ray: the same filesystem and path
     assert ray_checkpoint.filesystem is memory_store and checkpoint_info(ray_checkpoint).step == 7
+    # every rank of a node builds its own; they download into one directory, the same for all
+    download = ray_checkpoint._get_temporary_checkpoint_dir()
+    assert checkpoint.as_checkpoint(uri)._get_temporary_checkpoint_dir() == download
+    with ray_checkpoint.as_directory() as directory:  # what checkpoint.restore reads a URI's checkpoint from
+        assert directory == download and checkpoint_info(directory).step == 7
     copy_out(uri, "hf", str(tmp_path / "export"))
     assert (tmp_path / "export" / "config.json").read_text() == "{}"
 
