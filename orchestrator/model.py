@@ -177,6 +177,26 @@ def check_adapter_targets(cfg: ModelConfig, config: dict, targets: Optional[List
                             f"({type(model).__name__}); its linear layers are named {', '.join(leaves)}")
 
 
+def check_prompt_pooling(cfg: ModelConfig, config: dict, strategy: Strategy) -> None:
+    """Prompt tuning of a classifier that pools its last real token (Llama, Qwen, Mistral, GPT-2...): peft prepends
+    the soft prompt and hands the model only inputs_embeds, so transformers cannot find each row's last real token
+    and pools the last position, which in our right-padded batches is padding for every shorter row (the logits
+    of a row then depend on its batch). Refused rather than trained wrong; an encoder (BERT's first token) is fine."""
+    if strategy is not Strategy.prompt or cfg.task is not Task.classification:
+        return
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.get("model_type", ""))
+    model_class = getattr(transformers, name, None) if name else None
+    if model_class is not None and "last_non_pad_token" in inspect.getsource(model_class.forward):
+        raise UserError(f"strategy=prompt is not allowed for classification with {cfg.path} ({name} pools its last "
+                        "real token, which prompt tuning hides from it: padded rows would be scored on padding); "
+                        "use strategy=lora, prefix or ia3 for this model, or prompt tuning with an encoder")
+
+
 def check_config_overrides(cfg: ModelConfig, config: dict) -> None:
     from transformers import CONFIG_MAPPING
 

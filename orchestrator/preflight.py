@@ -72,7 +72,8 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     """
     from orchestrator.data import origin_note, read_data
     from orchestrator.data.sources import pin_sources
-    from orchestrator.model import check_adapter_targets, check_freeze_depth, check_model_config, read_model_config
+    from orchestrator.model import (check_adapter_targets, check_freeze_depth, check_model_config, check_prompt_pooling,
+                                    read_model_config)
     from orchestrator.plan import describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"
@@ -106,6 +107,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
             plan = make_plan(run, planned_for, model_config)
     if plan.strategy.uses_adapters:
         check_adapter_targets(run.model, model_config, run.peft.target_modules)
+        check_prompt_pooling(run.model, model_config, plan.strategy)
     plan_recipe(run, plan, train_rows, apply=runs_here)
     if runs_here:
         from orchestrator.checkpoint import check_resume_matches

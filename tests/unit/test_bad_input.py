@@ -46,6 +46,9 @@ CASES = [
     ("batch not divisible", ["trainer.global_batch_size=33", "trainer.micro_batch_size=8"], None,
      "trainer.global_batch_size=33 is not allowed: it must be a multiple of workers x micro-batch = 2 x 8 = 16"),
     ("qlora without gpu", ["strategy=qlora"], None, "strategy=qlora needs a GPU"),
+    ("prompt tuning a last-token classifier", ["model=tiny_llama", "model.task=classification", "strategy=prompt"],
+     None, "strategy=prompt is not allowed for classification with builtin:tiny-llama (LlamaForSequenceClassification "
+     "pools its last real token"),
     ("task mismatch", ["model=tiny_llama"], None,
      "data.path=sample:legal_clauses holds classification data, which needs model.task=classification"),
     ("malformed jsonl", [], jsonl(GOOD, '{"text": "oops", "label": '), "{data}/train.jsonl:2: not valid JSON"),
@@ -102,3 +105,12 @@ def test_bad_input_gives_one_line_exit_2_and_no_result(overrides, files, message
 
 def test_the_table_is_at_least_twenty_cases():
     assert len(CASES) >= 20
+
+
+def test_prompt_tuning_an_encoder_classifier_is_allowed():
+    """BERT pools its first token, which prompt tuning leaves in place: only last-token classifiers are refused."""
+    from orchestrator.config import ModelConfig, Strategy, Task
+    from orchestrator.model import check_prompt_pooling
+
+    check_prompt_pooling(ModelConfig(path="minilm", task=Task.classification), {"model_type": "bert"}, Strategy.prompt)
+    check_prompt_pooling(ModelConfig(path="x", task=Task.classification), {"model_type": "llama"}, Strategy.prefix)
