@@ -6,8 +6,9 @@
     strategy's margin, and the training loss (the mean of the last 3 steps against step 1) by at least half of it.
     The margins are half or less of the validation falls measured for these settings on CPU in fp32 (1 worker;
     full 3e-3: 31% in 10 steps; in 20 steps LoRA 1e-2: 3.7%, IA3 1e-1: 2.3%, prefix 3e-2: 1.8%; DoRA 5e-2 in 10:
-    2.1%); prompt tuning could not be measured there (it fails on CPU too: peft's virtual positions reach the loss) and
-    has prefix's margin. A random-weight model learns slowly through adapters;
+    2.1%); prompt tuning was not measured there (it failed on CPU until 9c8c5f2: peft's virtual positions reached
+    the loss; it trains now, tests/unit/test_prompt_learning_loss.py) and has prefix's margin until it is. A
+    random-weight model learns slowly through adapters;
   - the export reloads (transformers, or peft's PeftModel over export/adapter; safetensors) and gives the trained
     model's logits on fixed input: the trained model is rebuilt from the final checkpoint without the export's
     code (the ZeRO-3 shards' fp32 master weights through DeepSpeed's zero_to_fp32, rounded to bf16 as the engine
