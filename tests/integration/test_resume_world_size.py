@@ -6,7 +6,8 @@ A tiny Llama (fp32, no dropout) trains 12 steps on 2 ZeRO-3 workers, micro-batch
 (1 worker x micro-batch 2 x 2 accumulation), the worker converts the 2 shards to DeepSpeed's universal checkpoint
 format and loads weights, Adam moments, step count and schedule; that run writes its own step-8 checkpoint on 1
 worker, which `resume=` continues on 2 workers again (1 accumulation). Steps 5-12 of the first resume and 9-12 of the
-second are compared with the uninterrupted 2-worker run's.
+second are compared with the uninterrupted 2-worker run's. A second uninterrupted run (micro-batch 3: global batch 6)
+gives a step-4 checkpoint that 3 workers continue (micro-batch 2), the issue's 2 -> 3.
 
 Tolerance: 1e-5 relative per step loss, as tests/integration/test_distributed_correctness.py for 1 worker with
 accumulation against 2 workers. The fp32 weights and Adam moments are carried bit for bit (the conversion copies
@@ -23,6 +24,7 @@ rows lie on other ranks, so with dropout no resume on another world size can rep
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,26 @@ def test_a_global_batch_the_new_workers_cannot_keep_is_refused(uninterrupted, ti
     with pytest.raises(UserError, match=r"keeps its global batch .*trainer.global_batch_size=4"):
         execute(run)
     assert not (tmp_path / "again" / "run.json").exists()  # no worker started
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_batch_of_six(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    """2 workers x micro-batch 3: a global batch (6) that 3 workers can keep too (3 x micro-batch 2)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "two_workers_six"
+    return run_dir, execute(compose_run(overrides(tiny_llama_dir, 2, "trainer.micro_batch_size=3"),
+                                        run_dir))["train/loss_history"]
+
+
+def test_a_two_worker_checkpoint_resumes_on_three_workers(uninterrupted_batch_of_six, tiny_llama_dir):
+    """The issue's 2 -> 3: the global batch of 6 rows is summed in another grouping (3 ranks of 2 rows instead of 2
+    of 3), so the losses agree to the tolerance, not to the bit."""
+    two_dir, losses = uninterrupted_batch_of_six
+    run = compose_run(overrides(tiny_llama_dir, 3, f"resume={checkpoint_at(two_dir, 4)}",
+                                "trainer.micro_batch_size=2"), two_dir.parent / "three")
+    metrics = execute(run)
+    plan = json.loads((two_dir.parent / "three" / "plan.json").read_text())
+    assert (plan["num_workers"], plan["micro_batch_size"], plan["global_batch_size"]) == (3, 2, 6)
+    assert metrics["resume/reshard_s"] > 0
+    assert len(metrics["workers/nodes"]) == 3  # a rank each (orchestrator/placement.py)
+    print(f"reshard 2 -> 3: {metrics['resume/reshard_s']} s")
+    compare(metrics["train/loss_history"], losses, 4)
