@@ -270,7 +270,8 @@ class ClusterConfig:
     gpu_fraction: Optional[float] = None
     host_memory_gb: Optional[float] = None  # host memory per node to plan for (offload); None = read it
     cpu_workers: int = 2  # Ray workers when there is no GPU
-    storage_path: Optional[str] = None  # checkpoints (a path every node sees); None = the run directory
+    # checkpoints: a path every node sees, or a URI pyarrow opens (s3://, gs://, hdfs://, file://); None = the run dir
+    storage_path: Optional[str] = None
 
 
 @dataclass
