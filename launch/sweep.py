@@ -69,6 +69,7 @@ class Trial:
         return {"GPU": self.run.cluster.gpu_fraction or self.plan.num_workers}
 
 
+STRATEGY_KEYS = ("strategy", "strategy_if_auto")  # two trials that differ only here may be one plan
 MAX_TRIALS_PER_GPU = 8  # beyond this the trials' processes and kernels contend more than they gain
 GPU_SHARE_MEMORY = 0.9  # of a GPU's memory the shared trials' predicted peaks may fill together (the plan's rule)
 LOG_FILE = "trial.log"  # the trial's console output, in its directory
@@ -302,7 +303,7 @@ class RayTrialLauncher(Launcher):
         where the user named the strategy. The later one is listed as a duplicate of the first."""
         seen: Dict[tuple, Trial] = {}
         for trial in trials:
-            others = tuple(sorted(o for o in trial.overrides if override_key(o) not in ("strategy", "strategy_if_auto")))
+            others = tuple(sorted(o for o in trial.overrides if override_key(o) not in STRATEGY_KEYS))
             key = (others, trial.plan.strategy.value, trial.plan.num_workers)
             if key not in seen:
                 seen[key] = trial

@@ -47,19 +47,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not torch.cuda.is_available():  # DeepSpeed would say it is "setting accelerator to CPU", on stdout
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    checkpoint, step, run_dir = locate(Path(opts.source), Path(opts.run) if opts.run else None)
+    location, step, run_dir = locate(Path(opts.source), Path(opts.run) if opts.run else None)
     out = Path(opts.out) if opts.out else run_dir / f"export_step_{step}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose another --out")
-    written = export_checkpoint(checkpoint, run_dir, out, merge=opts.merge, dtype=opts.dtype,
-                                shard_size=opts.shard_size)
+    with local_copy(location) as checkpoint:
+        written = export_checkpoint(checkpoint, run_dir, out, merge=opts.merge, dtype=opts.dtype,
+                                    shard_size=opts.shard_size)
     sys.stdout.write(f"export: {out} (step {step} of {run_dir}, {written})\n")
     return 0
 
 
 def locate(source: Path, run_dir: Optional[Path]) -> Tuple[Path, int, Path]:
     """(checkpoint, its step, run directory) for a run or checkpoint directory; refuses incomplete checkpoints."""
-    from orchestrator.checkpoint import check_checkpoint, metrics_only, newest_complete_checkpoint
+    from orchestrator.checkpoint import check_checkpoint, is_uri, metrics_only, newest_complete_checkpoint
 
     if not source.is_dir():
         raise UserError(f"{source} does not exist: give a run directory (runs/<name>/<date_time>) or one of its "
@@ -71,7 +72,7 @@ def locate(source: Path, run_dir: Optional[Path]) -> Tuple[Path, int, Path]:
         if info is None:
             raise UserError(f"{source} holds no complete checkpoint (in {storage}); was it trained with "
                             "trainer.save_final=false and no trainer.checkpoint_every?")
-        return Path(info.path), info.step, run_dir
+        return (info.path if is_uri(info.path) else Path(info.path)), info.step, run_dir
     if metrics_only(str(source)):
         raise UserError(f"{source} holds metrics only (trainer.save_final=false): no weights to export")
     info, why = check_checkpoint(str(source))
@@ -86,13 +87,34 @@ def locate(source: Path, run_dir: Optional[Path]) -> Tuple[Path, int, Path]:
     return source, info.step, run_dir
 
 
-def run_storage(run_dir: Path) -> Path:
-    """Where the run's checkpoints are: run.json's storage, else <run_dir>/checkpoints."""
+def run_storage(run_dir: Path) -> str:
+    """Where the run's checkpoints are: run.json's storage (a path or a URI: cluster.storage_path), else
+    <run_dir>/checkpoints. A storage this machine cannot see is said, not replaced by the run directory."""
+    from orchestrator.checkpoint import is_uri
+
     try:
         storage = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("storage")
     except (OSError, ValueError):
         storage = None
-    return Path(storage) if storage and Path(storage).is_dir() else run_dir / "checkpoints"
+    if not storage:
+        return str(run_dir / "checkpoints")
+    if not is_uri(storage) and not Path(storage).is_dir():
+        raise UserError(f"{run_dir}/run.json keeps the run's checkpoints in {storage}, which this machine does not "
+                        "see: export where that storage is mounted, or give one of its checkpoint_* directories")
+    return storage
+
+
+@contextlib.contextmanager
+def local_copy(location):
+    """A checkpoint as a local directory: itself, or, in an object store (s3://, gs://), a download for the time
+    of the export (Ray's Checkpoint.as_directory; a file:// checkpoint is read in place)."""
+    from orchestrator.checkpoint import as_checkpoint, is_uri
+
+    if not is_uri(str(location)):
+        yield Path(location)
+        return
+    with as_checkpoint(str(location)).as_directory() as directory:
+        yield Path(directory)
 
 
 def load_run(run_dir: Path):

@@ -72,8 +72,13 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
     """
     from orchestrator.data import origin_note, read_data
     from orchestrator.data.sources import pin_sources
-    from orchestrator.model import (check_adapter_targets, check_freeze_depth, check_model_config, check_prompt_pooling,
-                                    read_model_config)
+    from orchestrator.model import (
+        check_adapter_targets,
+        check_freeze_depth,
+        check_model_config,
+        check_prompt_pooling,
+        read_model_config,
+    )
     from orchestrator.plan import describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"

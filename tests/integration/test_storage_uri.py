@@ -98,3 +98,32 @@ def test_resume_from_a_checkpoint_uri_continues_with_the_same_losses(uninterrupt
     assert metrics["train/loss_history"][:8] == losses[:8]  # from the checkpoint's history
     assert_same_losses(metrics["train/loss_history"], losses)  # steps 9-12 trained again, identically
     assert (tmp_path / "again" / "export" / "config.json").is_file()
+
+
+def test_orchestrator_export_reads_the_checkpoint_from_the_storage_uri(uninterrupted, store, tiny_llama_dir, tmp_path):
+    """`orchestrator export RUN_DIR` follows run.json's storage URI (through Ray's Checkpoint, which downloads from an
+    object store and reads file:// in place) and writes the same weights as the run's own export; a storage this
+    machine cannot see is said, not silently replaced by the run directory."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from orchestrator.errors import UserError
+    from orchestrator.export_cmd import main as export
+
+    run_dir, _ = uninterrupted
+    # what the CLI writes beside a run (.hydra/config.yaml), which execute() in this process did not
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(compose_run(overrides(tiny_llama_dir, store[1]), run_dir)),
+                   run_dir / ".hydra" / "config.yaml")
+    out = tmp_path / "exported"
+    assert export([str(run_dir), "--out", str(out)]) == 0
+    mine, runs = load_file(out / "model.safetensors"), load_file(run_dir / "export" / "model.safetensors")
+    assert mine.keys() == runs.keys() and all(torch.equal(mine[k], runs[k]) for k in runs)
+
+    elsewhere = tmp_path / "moved_run"
+    elsewhere.mkdir()
+    (elsewhere / ".hydra").mkdir()
+    (elsewhere / ".hydra" / "config.yaml").write_text((run_dir / ".hydra" / "config.yaml").read_text())
+    (elsewhere / "run.json").write_text(json.dumps({"storage": str(tmp_path / "not_mounted")}))
+    with pytest.raises(UserError, match="which this machine does not see"):
+        export([str(elsewhere), "--out", str(tmp_path / "never")])
