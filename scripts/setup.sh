@@ -7,19 +7,22 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
+pip_quiet() {  # pip, without its lines about configured package locations that do not exist on this machine
+  python -m pip "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$" || true; }
+}
 # (re)install when the venv lacks the packages or pyproject.toml changed since the last install
 STAMP=".venv/.pyproject.sha256"
 if [ "$(sha256sum pyproject.toml)" != "$(cat "$STAMP" 2>/dev/null)" ] || \
    ! python -c "import orchestrator, torch, deepspeed, ray, pytest" >/dev/null 2>&1; then
-  python -m pip install -q --upgrade pip
+  pip_quiet install -q --upgrade pip
   if command -v nvidia-smi >/dev/null 2>&1; then
-    python -m pip install -q "torch>=2.4,<2.15"
+    pip_quiet install -q "torch>=2.4,<2.15"
   else
-    python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.4,<2.15" \
+    pip_quiet install -q "torch==2.13.0" || pip_quiet install -q "torch>=2.4,<2.15" \
       --index-url https://download.pytorch.org/whl/cpu
   fi
   EXTRAS="dev"
   command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="dev,gpu"  # Liger's fused Triton kernels: GPUs only
-  python -m pip install -q -e ".[$EXTRAS]"
+  pip_quiet install -q -e ".[$EXTRAS]"
   sha256sum pyproject.toml > "$STAMP"
 fi
