@@ -333,6 +333,7 @@ def job_files(run: RunConfig, overrides: Sequence[str], name: str) -> JobFiles:
     """The run file (the composed, resolved config, local data paths pointed at their copies under JOB_MOUNT)
     and those copies. Local data beyond the ConfigMap's limit is refused with what to do instead."""
     k = run.k8s
+    run, named = with_registry_entries(run)
     config = config_dict(run)
     shipped: Dict[Path, str] = {}  # a local file or directory → its path in the pods
     data: List[Tuple[str, str, bytes]] = []
@@ -368,10 +369,30 @@ def job_files(run: RunConfig, overrides: Sequence[str], name: str) -> JobFiles:
               "# by the job's `python -m orchestrator --config` (orchestrator/runfile.py), whose ~model ~data clear\n"
               "# the config groups, so that these values alone, over the schema's defaults, make the run.\n"
               f"# RayJob {name}, from: {shlex.join(kept) or '(the defaults)'}\n"
+              + "".join(f"# data.path was {name}, {where}: the entry's settings are written out here\n"
+                        for name, where in named)
               + "".join(f"# {key} was {getattr(holder, attr)} on that machine: shipped here\n"
                         for key, holder, attr in data_path_keys(run) if local_data(getattr(holder, attr), k)))
     text = header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=1000)
     return JobFiles(text, data)
+
+
+def with_registry_entries(run: RunConfig) -> Tuple[RunConfig, List[Tuple[str, str]]]:
+    """A data.path that names a datasets.yaml entry here (the working directory's, the run file's, data.registry)
+    is written out as the entry's settings (its path, format, split, columns), since the pods have none of those
+    files; a local path the entry names is then shipped like any other. Anything else is left to the pods."""
+    import dataclasses
+
+    from orchestrator.data.sources import resolve
+
+    try:
+        source = resolve(run.data)
+    except UserError:  # e.g. a path on the claim, which only the pods see
+        return run, []
+    if not source.registry:
+        return run, []
+    merged = dataclasses.replace(source.cfg, path=source.location, registry=None)  # cfg.path is the location
+    return dataclasses.replace(run, data=merged), [(source.name, source.registry)]
 
 
 def set_dotted(config: dict, key: str, value: str) -> None:

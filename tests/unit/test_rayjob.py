@@ -749,3 +749,20 @@ def test_rendering_downloads_nothing(tmp_path, monkeypatch):
     assert all(kwargs.get("local_files_only") for _, _, kwargs in calls)
     # the pods download it: model.allow_download travels in the run file
     assert yaml.safe_load(objects["ConfigMap"]["data"]["run.yaml"])["model"]["allow_download"] is True
+
+
+def test_a_registry_name_travels_as_its_entry_and_its_local_file(tmp_path, monkeypatch):
+    """data.path=<a datasets.yaml name>: the pods have no datasets.yaml, so the run file gets the entry's settings
+    (path, format, columns) and the local file it names is shipped like any other."""
+    monkeypatch.chdir(tmp_path)
+    rows = "".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(40))
+    (tmp_path / "clauses.jsonl").write_text(rows)
+    (tmp_path / "datasets.yaml").write_text("my_qa:\n  path: clauses.jsonl\n  format: alpaca\n"
+                                           "  columns: {instruction: q, output: a}\n")
+    objects, _ = rendered_all(["+experiment=legal_full", *SIZED, "data.path=my_qa"], tmp_path)
+    run_file = objects["ConfigMap"]["data"]["run.yaml"]
+    shipped = yaml.safe_load(run_file)["data"]
+    assert shipped["path"] == f"{rayjob.JOB_MOUNT}/data/0/clauses.jsonl"
+    assert shipped["format"] == "alpaca" and shipped["columns"] == {"instruction": "q", "output": "a"}
+    assert shipped["registry"] is None
+    assert f"# data.path was my_qa, {tmp_path / 'datasets.yaml'}:1" in run_file
