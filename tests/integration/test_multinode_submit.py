@@ -33,7 +33,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 from ray._private.utils import write_ray_address as write_address_file
 
 from orchestrator.placement import NODES_KEY
@@ -171,11 +170,11 @@ def submit(address: str, cwd: Path, entrypoint: list, *options: str) -> subproce
     except subprocess.TimeoutExpired as err:  # what the job printed, then stop it
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(address)
-        jobs = [j for j in client.list_jobs() if j.entrypoint.endswith(" ".join(entrypoint[-1:]))]
-        logs = "".join(client.get_job_logs(j.submission_id)[-5000:] for j in jobs)
+        client = JobSubmissionClient(address)  # this module's cluster: its unfinished job is this one
+        jobs = [j.submission_id for j in client.list_jobs() if not j.status.is_terminal()]
+        logs = "".join(client.get_job_logs(job)[-5000:] for job in jobs)
         for job in jobs:
-            client.stop_job(job.submission_id)
+            client.stop_job(job)
         raise AssertionError(f"the job ran past {JOB_TIMEOUT_S} s; its logs:\n{logs}") from err
 
 
