@@ -139,9 +139,9 @@ def test_a_rayjob_dry_run_renders_from_the_installed_templates(from_wheel, tmp_p
     run_dir = tmp_path / "job"
     result = run_installed(from_wheel, tmp_path, from_wheel / "bin" / "orchestrator", "launcher=rayjob",
                            "dry_run=true", *SIZED, f"hydra.run.dir={run_dir}")
-    manifest = yaml.safe_load(result.stdout)
-    assert manifest["kind"] == "RayJob"
-    assert manifest == yaml.safe_load((run_dir / "rayjob.yaml").read_text())
+    printed = [d for d in yaml.safe_load_all(result.stdout) if d]  # the claim, the job's ConfigMap, the RayJob
+    assert [d["kind"] for d in printed] == ["PersistentVolumeClaim", "ConfigMap", "RayJob"]
+    assert printed == [d for d in yaml.safe_load_all((run_dir / "rayjob.yaml").read_text()) if d]
 
 
 def test_a_source_tree_without_the_package_mapping_reads_its_configs_beside_the_package(source, tmp_path):
@@ -166,7 +166,8 @@ def test_a_source_tree_without_the_package_mapping_reads_its_configs_beside_the_
     job = tmp_path / "job"
     result = sh([sys.executable, "-c", runner, f"+experiment={MARKER}", "launcher=rayjob", "dry_run=true", *SIZED,
                  f"hydra.run.dir={job}"], cwd=clone, env=env)
-    assert yaml.safe_load(result.stdout.split("\n", 1)[1])["kind"] == "RayJob"
+    printed = [d for d in yaml.safe_load_all(result.stdout.split("\n", 1)[1]) if d]  # after the package: line
+    assert [d["kind"] for d in printed][-1] == "RayJob"
     assert (job / "rayjob.yaml").is_file()
 
 
