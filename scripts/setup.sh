@@ -23,6 +23,7 @@ if [ "$(sha256sum pyproject.toml)" != "$(cat "$STAMP" 2>/dev/null)" ] || \
   fi
   EXTRAS="dev"
   command -v nvidia-smi >/dev/null 2>&1 && EXTRAS="dev,gpu"  # Liger's fused Triton kernels: GPUs only
-  pip_quiet install -q -e ".[$EXTRAS]"
+  # setuptools warns that an editable install maps packages to folders of this checkout: that is the point of it
+  PYTHONWARNINGS=ignore pip_quiet install -q -e ".[$EXTRAS]"
   sha256sum pyproject.toml > "$STAMP"
 fi
