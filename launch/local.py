@@ -139,7 +139,7 @@ def run_training(run: RunConfig, plan: Plan):
         console.note(f"elastic: where a restart cannot place all {plan.num_workers} workers, the run continues on "
                      f"{fewer} worker(s), keeping the global batch of {plan.global_batch_size} rows "
                      f"(more accumulation; trainer.min_workers={counts[0]})")
-    view = ProgressView(feed, terminal=sys.stdout.isatty())
+    view = ProgressView(feed, terminal=sys.stdout.isatty(), needs=worker_needs(run, plan))
     fit_started_at = time.time()  # for the start-up account: before this, imports, Ray's start and the plan
     try:
         with view:
@@ -157,6 +157,12 @@ def run_training(run: RunConfig, plan: Plan):
         result.metrics.update(view.late_metrics)
         result.metrics["time/fit_started_at"] = fit_started_at
     return result
+
+
+def worker_needs(run: RunConfig, plan: Plan) -> dict:
+    """The Ray resources the run's workers take together, for the console's note when their start waits."""
+    per_worker = worker_resources(run, plan) or ({"GPU": 1} if plan.use_gpu else {"CPU": 1})
+    return {kind: amount * plan.num_workers for kind, amount in per_worker.items() if kind in ("GPU", "CPU")}
 
 
 def worker_resources(run: RunConfig, plan: Plan) -> Optional[dict]:

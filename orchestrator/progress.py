@@ -18,10 +18,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 LINE_EVERY_S = 30.0  # a non-terminal console: a progress line this often
 POLL_S = 0.5  # the driver takes the feed's events this often
+WAIT_NOTE_S = 30.0  # the workers' placement still pending after this long: say what the run waits for (once)
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -186,16 +187,30 @@ def start_feed():
     return ProgressFeed.options(scheduling_strategy=here).remote()
 
 
+def _placement() -> Tuple[bool, Dict[str, float]]:
+    """(a placement group of this Ray cluster still waits for resources, what Ray has free now)."""
+    import ray
+    from ray.util import placement_group_table
+
+    pending = any(group.get("state") == "PENDING" for group in placement_group_table().values())
+    return pending, ray.available_resources()
+
+
 class ProgressView:
     """The driver's end: a thread takes the feed's events and draws them until `close()`, which draws the last
     ones. Notes and warnings are printed as they come; metrics events (measured after the final checkpoint) are
     collected in `late_metrics`."""
 
     def __init__(self, feed, terminal: bool, console=None, line_every_s: float = LINE_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, needs: Optional[Dict[str, float]] = None,
+                 placement: Optional[Callable[[], Tuple[bool, Dict[str, float]]]] = None):
         from rich.console import Console
 
         self.feed, self.terminal, self.line_every_s, self.clock = feed, terminal, line_every_s, clock
+        # what the workers need from Ray, and what it has free: said once when their placement is still pending
+        # after WAIT_NOTE_S, so that a run waiting for GPUs another job holds does not wait in silence
+        self.needs, self.placement = needs or {}, placement or _placement
+        self.opened_at, self.started, self.wait_noted = clock(), False, False
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.status = Status()
         self.late_metrics: Dict[str, Any] = {}
@@ -227,6 +242,23 @@ class ProgressView:
             return
         for event in events:
             self.draw(event)
+        self.note_waiting()
+
+    def note_waiting(self) -> None:
+        if self.started or self.wait_noted or self.clock() - self.opened_at < WAIT_NOTE_S:
+            return
+        try:
+            pending, free = self.placement()
+        except Exception:  # noqa: BLE001 - Ray gone: nothing to say about its resources
+            return
+        if not pending:  # placed: the workers are starting (a slow start is not a wait)
+            return
+        self.wait_noted = True
+        need = " and ".join(f"{amount:g} {kind}" for kind, amount in self.needs.items()) or "its workers"
+        have = ", ".join(f"{free.get(kind, 0.0):g} {kind}" for kind in (self.needs or {"CPU": 0, "GPU": 0}))
+        self.print(_escape(f"waiting: the workers have not started after {WAIT_NOTE_S:.0f} s; they need {need}, "
+                           f"and Ray has {have} free now (another job may hold them; the run starts when they are "
+                           "free)"))
 
     def close(self) -> None:
         if self.thread is not None:
@@ -248,6 +280,7 @@ class ProgressView:
             prefix = {"warning": "[bold yellow]warning:[/] ", "error": "[bold red]error:[/] "}.get(kind, "")
             self.print(prefix + _escape(event["text"]))
         elif kind == "start":
+            self.started = True
             self.status = Status()
             self.status.apply(event)
             self.last_line_at, self.lines_step = self.clock(), -1

@@ -86,3 +86,13 @@ def test_a_bad_fraction_names_the_key():
     run.cluster.gpu_fraction = 1.5
     with pytest.raises(UserError, match=r"cluster.gpu_fraction=1.5 .*\(0, 1\]"):
         validate(run)
+
+
+def test_the_console_knows_what_the_workers_need_in_all():
+    from launch.local import worker_needs
+
+    cpu_plan, gpu_plan = SimpleNamespace(use_gpu=False, num_workers=2), SimpleNamespace(use_gpu=True, num_workers=8)
+    whole = SimpleNamespace(cluster=ClusterConfig())
+    assert worker_needs(whole, cpu_plan) == {"CPU": 2} and worker_needs(whole, gpu_plan) == {"GPU": 8}
+    shared = SimpleNamespace(cluster=ClusterConfig(gpu_fraction=0.25))
+    assert worker_needs(shared, SimpleNamespace(use_gpu=True, num_workers=1)) == {"GPU": 0.25, "CPU": 1}

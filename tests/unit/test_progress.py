@@ -111,3 +111,39 @@ def test_tracker_on_rank_0_sends_the_run_its_steps_notes_and_late_metrics():
     quiet.start(0)
     quiet.note("x")
     assert len(feed.events) == 4  # other ranks send nothing
+
+
+def test_a_start_that_waits_for_resources_is_said_once_with_what_it_needs():
+    out = io.StringIO()
+    now = [0.0]
+    console = Console(file=out, width=200, force_terminal=False, color_system=None, highlight=False)
+    state = {"pending": True}
+    view = ProgressView(FakeFeed(), terminal=False, console=console, clock=lambda: now[0], needs={"GPU": 8},
+                        placement=lambda: (state["pending"], {"GPU": 2.0, "CPU": 60.0}))
+    now[0] = 20.0
+    view.note_waiting()
+    assert out.getvalue() == ""  # 20 s: not yet worth a word
+    now[0] = 45.0
+    view.note_waiting()
+    view.note_waiting()
+    assert out.getvalue().splitlines() == [
+        "waiting: the workers have not started after 30 s; they need 8 GPU, and Ray has 2 GPU free now (another job "
+        "may hold them; the run starts when they are free)"]
+
+
+def test_a_slow_start_whose_workers_are_placed_is_no_wait():
+    out = io.StringIO()
+    now = [0.0]
+    console = Console(file=out, width=200, force_terminal=False, color_system=None, highlight=False)
+    asked = []
+    placed = ProgressView(FakeFeed(), terminal=False, console=console, clock=lambda: now[0], needs={"CPU": 2},
+                          placement=lambda: asked.append(1) or (False, {"CPU": 0.0}))
+    now[0] = 500.0
+    placed.note_waiting()
+    assert asked  # it looked, and the placement was done
+    started = ProgressView(FakeFeed(), terminal=False, console=console, clock=lambda: now[0], needs={"CPU": 2},
+                           placement=lambda: (True, {}))
+    started.draw({"kind": "start", "t": 0.0, "total": 3, "step": 0})
+    now[0] = 900.0
+    started.note_waiting()
+    assert out.getvalue() == ""  # placed, or training already: nothing to say
