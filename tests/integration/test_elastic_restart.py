@@ -19,11 +19,8 @@ seconds from the kill to the restarted worker's first finished step.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
-import threading
-import time
 from unittest import mock
 
 import pytest
@@ -33,7 +30,7 @@ from orchestrator.__main__ import execute
 from orchestrator.placement import NODES_KEY
 from tests.conftest import compose_run
 from tests.integration.test_distributed_correctness import overrides, reference_losses
-from tests.integration.test_multinode import train_workers_on
+from tests.integration.test_multinode import run_losing_a_node
 from tests.integration.test_resume_world_size import TOLERANCE
 
 pytestmark = pytest.mark.ray
@@ -80,52 +77,10 @@ def uninterrupted(two_nodes, tiny_llama_dir, tmp_path_factory):
 
 
 def test_a_node_lost_for_good_is_survived_on_one_worker(two_nodes, uninterrupted, tiny_llama_dir, tmp_path):
-    import ray
 
     cluster = two_nodes
     run = elastic_run(cluster, tiny_llama_dir, tmp_path / "run")
-    progress = tmp_path / "run" / "progress.json"  # rank 0's last finished step and when (restarts.Progress)
-    events: dict = {}
-    finished = threading.Event()
-
-    def last_progress():
-        try:
-            return json.loads(progress.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def lose_a_node():
-        deadline = time.time() + 300
-        while time.time() < deadline and (last_progress() or {}).get("step", 0) < LOST_AT:
-            time.sleep(0.05)
-        driver_node = ray.get_runtime_context().get_node_id()
-        lost = next(n for n in cluster.worker_nodes if n.node_id != driver_node and train_workers_on(n))
-        workers = train_workers_on(lost)
-        events.update(killed_after_step=(last_progress() or {}).get("step"), lost=lost.node_id,
-                      killed_at=time.time())
-        for worker in workers:  # a machine lost: its processes die at once, the node's own ones with its raylet
-            worker.kill()
-        cluster.remove_node(lost, allow_graceful=False)
-        trace = events["trace"] = []  # every step rank 0 finished after the kill: (step, when)
-        while time.time() < deadline and not finished.is_set():
-            record = last_progress()
-            if record and record["time"] > events["killed_at"] and (not trace or trace[-1][1] != record["time"]):
-                trace.append((record["step"], record["time"]))
-            time.sleep(0.02)
-
-    def watch():
-        try:
-            lose_a_node()
-        except Exception as err:  # noqa: BLE001 - reported by the assertions below
-            events["error"] = repr(err)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        metrics = execute(run)
-    finally:
-        finished.set()
-        watcher.join(timeout=60)
+    metrics, events = run_losing_a_node(cluster, run, LOST_AT)
     assert "error" not in events and events.get("killed_after_step", STEPS) < STEPS, events
     assert metrics["train/restarts"] == 1
     # it finished on the one worker that could be placed, with twice the accumulation: the same global batch

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Tuple
 from unittest import mock
 
 import pytest
@@ -154,27 +155,19 @@ def train_workers_on(node) -> list:
     return [p for p in psutil.Process(raylet).children() if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
-def test_a_lost_node_is_survived_on_the_nodes_that_remain(two_nodes, two_node_run, tiny_llama_dir, tmp_path):
-    """A third node joins first (a spare: Ray Train needs 2 workers' CPUs again after the loss). Once step LOST_AT
-    is done, a node running a worker dies (its raylet and every process it started killed; never the driver's
-    node, where Ray Train keeps its controller). The run finishes unaided from its newest complete checkpoint
-    (trainer.max_failures, trainer.checkpoint_every), with the single-process reference's losses, on nodes that do
-    not include the lost one. Runs last: it changes the module's cluster. Prints the seconds from the kill to the
-    next finished step."""
+def run_losing_a_node(cluster, run, lost_at: int) -> Tuple[dict, dict]:
+    """execute(run) while a watcher kills, once rank 0 has finished step `lost_at`, a node other than the driver's
+    that runs a training worker (its workers at once, then its raylet: a machine lost). Returns (metrics, events):
+    events has killed_after_step, lost (the node id), killed_at, trace (every (step, time) rank 0 finished after
+    the kill) and error, where the watcher failed."""
     import threading
     import time
 
     import ray
 
-    cluster, _ = two_nodes
-    with mock.patch.dict(os.environ, cluster.node_environment):
-        cluster.add_node(**cluster.node_args, resources={"node_c": 1})
-    cluster.wait_for_nodes()
-    run = compose_run([*[o for o in overrides(tiny_llama_dir, workers=2, micro=4, accum=1) if "max_steps" not in o],
-                       f"trainer.max_steps={LOST_STEPS}", f"trainer.checkpoint_every={LOST_CHECKPOINT_EVERY}",
-                       "trainer.max_failures=1", f"cluster.address={cluster.address}"], tmp_path / "run")
-    progress = tmp_path / "run" / "progress.json"  # rank 0's last finished step and when (restarts.Progress)
+    progress = Path(run.run_dir) / "progress.json"  # rank 0's last finished step and when (restarts.Progress)
     events: dict = {}
+    finished = threading.Event()
 
     def last_progress():
         try:
@@ -184,7 +177,7 @@ def test_a_lost_node_is_survived_on_the_nodes_that_remain(two_nodes, two_node_ru
 
     def lose_a_node():
         deadline = time.time() + 300
-        while time.time() < deadline and (last_progress() or {}).get("step", 0) < LOST_AT:
+        while time.time() < deadline and (last_progress() or {}).get("step", 0) < lost_at:
             time.sleep(0.05)
         driver_node = ray.get_runtime_context().get_node_id()
         lost = next(n for n in cluster.worker_nodes if n.node_id != driver_node and train_workers_on(n))
@@ -204,17 +197,34 @@ def test_a_lost_node_is_survived_on_the_nodes_that_remain(two_nodes, two_node_ru
     def watch():
         try:
             lose_a_node()
-        except Exception as err:  # noqa: BLE001 - reported by the assertions below
+        except Exception as err:  # noqa: BLE001 - reported by the callers' assertions
             events["error"] = repr(err)
 
     watcher = threading.Thread(target=watch, daemon=True)
-    finished = threading.Event()
     watcher.start()
     try:
         metrics = execute(run)
     finally:
         finished.set()
         watcher.join(timeout=60)
+    return metrics, events
+
+
+def test_a_lost_node_is_survived_on_the_nodes_that_remain(two_nodes, two_node_run, tiny_llama_dir, tmp_path):
+    """A third node joins first (a spare: Ray Train needs 2 workers' CPUs again after the loss). Once step LOST_AT
+    is done, a node running a worker dies (its raylet and every process it started killed; never the driver's
+    node, where Ray Train keeps its controller). The run finishes unaided from its newest complete checkpoint
+    (trainer.max_failures, trainer.checkpoint_every), with the single-process reference's losses, on nodes that do
+    not include the lost one. Runs last: it changes the module's cluster. Prints the seconds from the kill to the
+    next finished step."""
+    cluster, _ = two_nodes
+    with mock.patch.dict(os.environ, cluster.node_environment):
+        cluster.add_node(**cluster.node_args, resources={"node_c": 1})
+    cluster.wait_for_nodes()
+    run = compose_run([*[o for o in overrides(tiny_llama_dir, workers=2, micro=4, accum=1) if "max_steps" not in o],
+                       f"trainer.max_steps={LOST_STEPS}", f"trainer.checkpoint_every={LOST_CHECKPOINT_EVERY}",
+                       "trainer.max_failures=1", f"cluster.address={cluster.address}"], tmp_path / "run")
+    metrics, events = run_losing_a_node(cluster, run, LOST_AT)
     assert "error" not in events and events.get("killed_after_step", LOST_STEPS) < LOST_STEPS, events
     assert metrics["train/restarts"] == 1
     losses = metrics["train/loss_history"]

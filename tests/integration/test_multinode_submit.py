@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,22 +37,13 @@ from ray._private.utils import write_ray_address as write_address_file
 from orchestrator.placement import NODES_KEY
 from tests.conftest import ROOT
 from tests.integration.test_multinode import HIDE_HOOK
+from tests.integration.test_rayjob_submit import free_ports
 
 pytestmark = pytest.mark.ray
 
 STEPS = 3
 JOB_TIMEOUT_S = 240
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's python, not the interpreter it links to
-
-
-def free_ports(count: int):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def client_env() -> dict:
