@@ -75,6 +75,20 @@ GPU_SHARE_MEMORY = 0.9  # of a GPU's memory the shared trials' predicted peaks m
 LOG_FILE = "trial.log"  # the trial's console output, in its directory
 
 
+def pinned_data(run) -> Dict[str, str]:
+    """data.registry and data.hub_cache as the single run's driver pins them (sources.pin_sources), for a trial's
+    command line: the trial is a child process without the sweep's run file (`orchestrator train FILE -m`), so a
+    dataset named in the datasets.yaml beside that file would otherwise be unknown to it. Only what pinning set."""
+    from orchestrator.data.sources import pin_sources
+
+    data = copy.deepcopy(run.data)
+    before = (data.registry, data.hub_cache)
+    pin_sources(data)  # an unknown name fails here, as the trial's own preflight would: that trial alone
+    return {key: str(value) for key, value, old in (("data.registry", data.registry, before[0]),
+                                                    ("data.hub_cache", data.hub_cache, before[1]))
+            if value and value != old}
+
+
 def hydra_quote(value: str) -> str:
     """A value as Hydra's override grammar reads it back unchanged: quoted unless it is a plain word or path."""
     if re.fullmatch(r"[\w\-./:@%+~]+", value):
@@ -418,6 +432,7 @@ class RayTrialLauncher(Launcher):
             own.update({"cluster.gpus": str(run.cluster.gpus), "cluster.nodes": str(run.cluster.nodes)})
         if run.cluster.gpu_fraction is not None:  # a share of one GPU (_share_gpus): one worker on it
             own.update({"cluster.gpu_fraction": str(run.cluster.gpu_fraction)})
+        own.update(pinned_data(run))
         if self.early_stopping:  # the median rule, on the metric the sweep ranks by, at every evaluation
             metric = trial.record["metric"]
             own.update({"trainer.early_stopping": "true", "trainer.early_stopping_metric": metric.removeprefix("eval/"),

@@ -238,6 +238,26 @@ def test_pin_sources_gives_the_workers_the_registry_and_the_cache(tmp_path, monk
     assert bundled.registry is None and bundled.hub_cache is None
 
 
+def test_a_sweep_trial_gets_the_registry_of_the_sweeps_run_file(tmp_path, monkeypatch):
+    """A trial is a child process without the run file (`orchestrator train FILE -m`): its command pins the
+    datasets.yaml beside that file, which it would not find on its own; a bundled name needs nothing."""
+    from types import SimpleNamespace
+
+    from launch.sweep import pinned_data
+    from orchestrator import runfile
+
+    project = tmp_path / "project"
+    write_registry(project / "datasets.yaml", "clauses: sample:legal_clauses\n")
+    monkeypatch.setitem(runfile.ACTIVE, "file", str(project / "run.yaml"))
+    monkeypatch.chdir(tmp_path)
+    run = SimpleNamespace(data=DataConfig(path="clauses"))
+    assert pinned_data(run) == {"data.registry": str(project / "datasets.yaml")}
+    assert run.data.registry is None  # the trial's own config is left as composed
+    assert pinned_data(SimpleNamespace(data=DataConfig(path="legal_clauses"))) == {}
+    monkeypatch.setitem(runfile.ACTIVE, "file", None)  # what the trial's child process saw before: nothing found
+    assert pinned_data(run) == {}
+
+
 # ---------------------------------------------------------------- columns on files, and the errors
 
 def test_columns_map_a_csv_files_header(tmp_path):
