@@ -59,6 +59,7 @@ class Trial:
     record: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     gpu_memory_gb: Optional[float] = None  # of each GPU the plan was made for (None: unknown or CPU)
+    pinned_data: Dict[str, str] = dataclasses.field(default_factory=dict)  # pinned_data(run): for its command
 
     @property
     def need(self) -> Dict[str, float]:
@@ -256,6 +257,7 @@ class RayTrialLauncher(Launcher):
             OmegaConf.save(sweep_config.hydra.overrides.task, hydra_dir / "overrides.yaml")
         try:
             trial.run = to_run_config(cfg)
+            trial.pinned_data = pinned_data(trial.run)  # here, on the main thread: it may import datasets
         except (UserError, ValueError) as err:
             self._fail(trial, err)
             return trial
@@ -432,7 +434,7 @@ class RayTrialLauncher(Launcher):
             own.update({"cluster.gpus": str(run.cluster.gpus), "cluster.nodes": str(run.cluster.nodes)})
         if run.cluster.gpu_fraction is not None:  # a share of one GPU (_share_gpus): one worker on it
             own.update({"cluster.gpu_fraction": str(run.cluster.gpu_fraction)})
-        own.update(pinned_data(run))
+        own.update(trial.pinned_data)
         if self.early_stopping:  # the median rule, on the metric the sweep ranks by, at every evaluation
             metric = trial.record["metric"]
             own.update({"trainer.early_stopping": "true", "trainer.early_stopping_metric": metric.removeprefix("eval/"),
