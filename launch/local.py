@@ -1,4 +1,5 @@
-"""Start a Plan on Ray: an embedded local Ray by default, or the existing cluster at cluster.address.
+"""Start a Plan on Ray: an embedded local Ray by default, or the existing cluster at cluster.address; a one-worker
+run where nothing needs Ray runs in this process instead (cluster.in_process: launch/in_process.py).
 
 Ray only places the workers, wires the process group and collects reports and checkpoints;
 the DeepSpeed engine lives in orchestrator.train_loop.
@@ -27,13 +28,19 @@ GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NV
 QUIET_ENV = {"RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
 
 
+def set_process_env() -> None:
+    """GPU_ENV and QUIET_ENV in this process's environment (a user's own settings win), where Ray's workers get them
+    too (start_ray) and a run in this process reads them (cluster.in_process)."""
+    for key, value in {**GPU_ENV, **QUIET_ENV}.items():
+        os.environ.setdefault(key, value)
+
+
 def start_ray(cluster: ClusterConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    for key, value in {**GPU_ENV, **QUIET_ENV}.items():
-        os.environ.setdefault(key, value)
+    set_process_env()
     env_vars = {k: os.environ[k] for k in GPU_ENV}
     if cluster.address:  # the cluster's nodes need not have the project: the driver ships it (launch/ship.py)
         from launch.ship import code_runtime_env
@@ -97,7 +104,26 @@ def ray_memory_gb() -> float:
 
 
 def run_training(run: RunConfig, plan: Plan):
-    """Fit on Ray; copy the consolidated export to <run_dir>/export. Returns Ray's Result."""
+    """Fit on Ray Train's workers, or in this process (plan.in_process: launch/in_process.py); copy the consolidated
+    export to <run_dir>/export. Returns Ray Train's Result."""
+    if plan.in_process:
+        from launch.in_process import fit_in_process
+
+        result, late_metrics, fit_started_at = fit_in_process(run, plan)
+    else:
+        result, late_metrics, fit_started_at = fit_on_ray(run, plan)
+    if run.trainer.save_final:
+        export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
+    if result.metrics is not None:  # measured after the final checkpoint (Recipe.finish): optional evaluations
+        result.metrics.update(late_metrics)
+        result.metrics["time/fit_started_at"] = fit_started_at
+        result.metrics["launch/in_process"] = plan.in_process
+    return result
+
+
+def fit_on_ray(run: RunConfig, plan: Plan):
+    """TorchTrainer.fit() on Ray Train's workers. Returns (Ray Train's Result, the metrics measured after the final
+    checkpoint, when fit() was called)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -111,6 +137,7 @@ def run_training(run: RunConfig, plan: Plan):
 
     # trainer.elastic: the worker counts a restart may continue on, checked before anything starts
     counts = elastic_worker_counts(run, plan) if run.trainer.elastic else [plan.num_workers]
+    start_ray(run.cluster)  # started for the plan already, unless the run was planned to need none
     feed = start_feed()  # rank 0's progress, notes and warnings, drawn on this console (orchestrator/progress.py)
     run_id = claim_run(run)  # this run's own place in the storage, and <run_dir>/run.json
     worker = WorkerInput(run, plan, feed=feed, fault=FaultDrill.from_environment(run.run_dir), run_id=run_id)
@@ -151,12 +178,7 @@ def run_training(run: RunConfig, plan: Plan):
         raise
     finally:
         ray.kill(feed)
-    if run.trainer.save_final:
-        export_from(result.checkpoint, os.path.join(run.run_dir, "export"))
-    if result.metrics is not None:  # measured after the final checkpoint (Recipe.finish): optional evaluations
-        result.metrics.update(view.late_metrics)
-        result.metrics["time/fit_started_at"] = fit_started_at
-    return result
+    return result, view.late_metrics, fit_started_at
 
 
 def worker_needs(run: RunConfig, plan: Plan) -> dict:

@@ -91,10 +91,19 @@ def execute(run: RunConfig, overrides: Sequence[str] = ()) -> dict:
 def local_resources(run: RunConfig) -> ClusterResources:
     """What a local run is planned for: what Ray reports, once started (embedded, or joined at cluster.address).
     A dry run starts no Ray: it reads this machine as the embedded Ray would, or plans for cluster.* as given; only
-    a dry run for the cluster at cluster.address without cluster.gpus joins it to ask."""
-    from launch.local import detect_resources, start_ray
+    a dry run for the cluster at cluster.address without cluster.gpus joins it to ask. Nor does a run that this
+    machine gives one worker, where nothing else needs Ray: its recipe runs in this process (plan.choose_launch)."""
+    from launch.local import detect_resources, set_process_env, start_ray
+    from orchestrator.config import in_process_mode
+    from orchestrator.plan import ray_needed_for, worker_count
+    from orchestrator.preflight import fault_drill_set
 
     ask_ray = not run.dry_run or (run.cluster.address is not None and run.cluster.gpus is None)
+    if ask_ray and in_process_mode(run.cluster) != "false" and not ray_needed_for(run, fault_drill_set(run)):
+        set_process_env()  # before CUDA starts in this process: its allocator reads PYTORCH_CUDA_ALLOC_CONF once
+        here = detect_resources(run.cluster, ray_started=False)
+        if worker_count(run, here) == 1:
+            return here
     if ask_ray:
         start_ray(run.cluster)
     return detect_resources(run.cluster, ray_started=ask_ray)

@@ -39,7 +39,7 @@ import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow.fs
@@ -48,6 +48,9 @@ import torch
 
 from orchestrator.config import Strategy
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.in_process_storage import InProcessStorage
 
 DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint: every rank's ZeRO shards
 EXPORT_DIR = "hf"  # inside the final checkpoint: the consolidated Hugging Face model
@@ -106,13 +109,18 @@ def _verified_checksum(file: "Place") -> str:
 
 
 def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Dict[str, Any],
-                    export: Optional[tuple] = None, identity: Optional[Dict[str, Any]] = None) -> None:
+                    export: Optional[tuple] = None, identity: Optional[Dict[str, Any]] = None,
+                    storage: Optional["InProcessStorage"] = None) -> None:
     """Collective: all ranks call it. `client_state` (step, history) travels with rank 0's shard.
     `export=(model, tokenizer, strategy, peft config)` adds the consolidated Hugging Face model.
     `identity` (run id, strategy, learning-rate schedule: Recipe.identity) goes into every rank's marker, where the
-    driver reads it without loading a shard (check_resume_matches) and a restart tells its own run's checkpoints."""
+    driver reads it without loading a shard (check_resume_matches) and a restart tells its own run's checkpoints.
+    `storage`: the recipe runs in the driver's process (cluster.in_process), where Ray Train stores no checkpoint:
+    it is written beside the run's storage and put there before the report (in_process_storage.py)."""
     rank, world_size = engine.global_rank, _world_size()
-    with tempfile.TemporaryDirectory() as directory:
+    staging_dir = storage.staging_dir() if storage is not None else None  # None: the node's temporary directory
+    # (in the driver's process the directory is gone when it is cleaned up: renamed into the storage)
+    with tempfile.TemporaryDirectory(dir=staging_dir, ignore_cleanup_errors=True) as directory:
         engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG,
                                client_state={**client_state, "step": step})
         if export is not None:
@@ -131,7 +139,8 @@ def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Di
         with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
             json.dump({**(identity or {}), **batch, "step": step, "world_size": world_size, "rank": rank,
                        "files": files, CHECKSUM: checksums}, handle)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        stored = storage.persist(directory) if storage is not None else ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=stored)
 
 
 def report_metrics_only(metrics: Dict[str, Any], rank: int) -> None:

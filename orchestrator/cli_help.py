@@ -34,6 +34,8 @@ MAIN_KEYS = [
     ("cluster.address", "an existing Ray cluster (auto, ray://host:10001); unset: an embedded local Ray"),
     ("cluster.gpus", "with cluster.nodes, cluster.gpu_memory_gb: plan for a cluster you do not have (dry run)"),
     ("cluster.cpu_workers", "workers where there is no GPU (default 2)"),
+    ("cluster.in_process", "auto (default): a one-worker run on this machine trains in this process, Ray not "
+                           "started (a faster start); false: always Ray Train's workers"),
     ("logger.mode", "W&B: online (needs WANDB_API_KEY), offline or disabled"),
     ("launcher", "local (Ray here or at cluster.address) or rayjob (a KubeRay RayJob: k8s/README.md)"),
     ("dry_run", "true: check the config and data, print the plan, start nothing"),

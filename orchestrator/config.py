@@ -272,6 +272,10 @@ class ClusterConfig:
     cpu_workers: int = 2  # Ray workers when there is no GPU
     # checkpoints: a path every node sees, or a URI pyarrow opens (s3://, gs://, hdfs://, file://); None = the run dir
     storage_path: Optional[str] = None
+    # a one-worker run's recipe in this process (Ray Train's local mode), Ray not started: no worker process to wait
+    # for. auto: where nothing needs Ray (one worker, the embedded cluster, not trainer.elastic, no failure drill);
+    # true: the same, or an error saying why not; false: always Ray Train's workers (plan.choose_launch)
+    in_process: str = "auto"
 
 
 @dataclass
@@ -364,6 +368,15 @@ def config_dict(run: RunConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(run), enum_to_str=True)
 
 
+IN_PROCESS = ("auto", "true", "false")  # cluster.in_process
+
+
+def in_process_mode(cluster: ClusterConfig) -> str:
+    """cluster.in_process, lower-case: Hydra hands `true`/`false` over as booleans, which the str field keeps as
+    "True"/"False"."""
+    return str(cluster.in_process).lower()
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is not allowed: {allowed}")
@@ -437,6 +450,8 @@ def validate(run: RunConfig) -> None:
            "an integer >= 1, or null")
     _check(run.cluster.gpu_fraction is None or 0 < run.cluster.gpu_fraction <= 1, "cluster.gpu_fraction",
            run.cluster.gpu_fraction, "a number in (0, 1], or null for a whole GPU")
+    _check(in_process_mode(run.cluster) in IN_PROCESS, "cluster.in_process", run.cluster.in_process,
+           "auto (in this process where one worker runs on this machine), true or false (Ray Train's workers)")
     validate_k8s(run.k8s)
     validate_mix(d)
     validate_data_source(d)

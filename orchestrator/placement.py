@@ -9,10 +9,15 @@ from typing import Dict, List
 NODES_KEY = "workers/nodes"
 
 
+IN_PROCESS_NODE = "driver"  # the node id of a recipe in the driver's process without Ray (cluster.in_process)
+
+
 def this_worker(rank: int) -> Dict[str, object]:
     import ray
 
-    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+    # asking Ray's runtime context would start a Ray of its own where none is (a recipe in the driver's process)
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else IN_PROCESS_NODE
+    return {"rank": rank, "node_id": node_id, "hostname": socket.gethostname()}
 
 
 def gather_nodes(rank: int, world_size: int) -> List[Dict[str, object]]:

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import List, Optional, Tuple
 
 from orchestrator import kernels
-from orchestrator.config import Precision, RunConfig, Strategy
+from orchestrator.config import Precision, RunConfig, Strategy, in_process_mode
 from orchestrator.errors import UserError
 from orchestrator.memory import GIB, Estimate, ModelShape, estimate, fits, host_bytes_for_offload
 
@@ -84,6 +84,10 @@ class Plan:
     select_metric: str = "loss"  # eval/<this> chooses the exported weights
     selection_reason: str = ""
     hyperparameters: dict = field(default_factory=dict)  # key -> {value, source}: what the strategy's defaults filled
+    # where the recipe runs (choose_launch, from cluster.in_process): this process (Ray Train's local mode) or Ray
+    # Train's worker processes; set where the run starts (preflight)
+    in_process: bool = False
+    launch_reason: str = ""
 
     def __post_init__(self):  # a plan built by hand (benchmarks) may name them as strings
         self.strategy, self.precision = Strategy(self.strategy), Precision(self.precision)
@@ -124,7 +128,7 @@ def _plain(items) -> dict:
 def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -> Plan:
     shape = ModelShape.from_config(model_config)
     use_gpu = resources.gpus > 0
-    workers = resources.gpus if use_gpu else run.cluster.cpu_workers
+    workers = worker_count(run, resources)
     fused, fused_reason = kernels.decide(run.model, model_config, use_gpu)
     fused_loss = kernels.fuses_loss(fused, run.model.task)
     auto_micro = run.trainer.micro_batch_size is None
@@ -177,6 +181,41 @@ def make_plan(run: RunConfig, resources: ClusterResources, model_config: dict) -
                 gradient_checkpointing=chosen.checkpointing if chosen else bool(run.model.gradient_checkpointing),
                 predicted_gib_per_gpu=chosen.gib_per_gpu if chosen else None, reason=reason, candidates=candidates,
                 fused_kernels=fused, fused_kernels_reason=fused_reason, micro_batch_reason=micro_reason)
+
+
+def worker_count(run: RunConfig, resources: ClusterResources) -> int:
+    """A worker per GPU; without GPUs, cluster.cpu_workers."""
+    return resources.gpus if resources.gpus > 0 else run.cluster.cpu_workers
+
+
+def ray_needed_for(run: RunConfig, fault_drill: bool) -> str:
+    """Why this run needs Ray Train's worker processes whatever its number of workers, or "" (cluster.in_process)."""
+    if run.cluster.address is not None:
+        return "the workers run on the Ray cluster at cluster.address (a sweep's trials join the sweep's this way)"
+    if run.trainer.elastic:
+        return "trainer.elastic restarts on as many workers as Ray Train can place"
+    if fault_drill:
+        return "the failure drill (ORCHESTRATOR_KILL_WORKER) kills the worker's process, which would be this one"
+    return ""
+
+
+def choose_launch(run: RunConfig, plan: Plan, fault_drill: bool) -> Tuple[bool, str]:
+    """Whether the recipe runs in this process (Ray Train's local mode, Ray not started: no Ray start and no worker
+    process, 19-20 s of the start on one H200, bench/RESULTS.md) or on Ray Train's workers, and why, for the plan's
+    `launch:` line.
+    cluster.in_process=true where that cannot be is a UserError saying why."""
+    mode = in_process_mode(run.cluster)
+    if mode == "false":
+        return False, "Ray Train's worker processes (cluster.in_process=false)"
+    why_not = ray_needed_for(run, fault_drill) or (
+        f"{plan.num_workers} workers, a process each" if plan.num_workers != 1 else "")
+    if why_not and mode == "true":
+        raise UserError(f"cluster.in_process=true is not allowed for this run: {why_not}; set "
+                        "cluster.in_process=auto (Ray Train's workers where they are needed) or false")
+    if why_not:
+        return False, f"Ray Train's worker processes (cluster.in_process=auto: {why_not})"
+    return True, (f"in this process, without starting Ray (cluster.in_process={mode}: one worker on this machine, "
+                  "nothing that needs Ray)")
 
 
 def _largest_micro_batch(strategy: Strategy, shape: ModelShape, workers: int, resources: ClusterResources,
@@ -379,6 +418,7 @@ def describe(plan: Plan, gpu_memory_gb: Optional[float]) -> str:
             + (f"\nmicro-batch: {plan.micro_batch_reason}" if plan.micro_batch_reason else "")
             + (f"\nsteps: {plan.steps_reason}" if plan.steps_reason else "")
             + (f"\nselection: {plan.selection_reason}" if plan.selection_reason else "")
+            + (f"\nlaunch: {plan.launch_reason}" if plan.launch_reason else "")
             + _describe_hyperparameters(plan.hyperparameters))
 
 

@@ -3,9 +3,10 @@
     preflight(run, resources, ...) -> Preflight(plan, resources, model_config, raw_data)
 
 In order: the user's paths made absolute; the model's config.json read and model.freeze_depth checked; the data
-read and summarised; the data tokenized once and resume= resolved; the resources asked for; the plan made,
-printed and saved to <run_dir>/plan.json; the planner's micro-batch pick written back into the run. A mistake
-found on the way is a UserError, raised before anything starts.
+read and summarised; the data tokenized once and resume= resolved; the resources asked for; the plan made (and, for
+a run that starts here, where its recipe runs: cluster.in_process), printed and saved to <run_dir>/plan.json; the
+planner's micro-batch pick written back into the run. A mistake found on the way is a UserError, raised before
+anything starts.
 
 Who calls it, and why the arguments differ (each call names them):
 - execute() (`python -m orchestrator`) runs the run in this process: every step.
@@ -79,7 +80,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         check_prompt_pooling,
         read_model_config,
     )
-    from orchestrator.plan import describe, make_plan
+    from orchestrator.plan import choose_launch, describe, make_plan
 
     assert not runs_here or data is DataCheck.read, "a run that starts here reads its data here"
     if runs_here:
@@ -118,6 +119,7 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         from orchestrator.checkpoint import check_resume_matches
 
         check_resume_matches(run, plan)  # the checkpoint's workers, strategy, schedule and global batch
+        plan.in_process, plan.launch_reason = choose_launch(run, plan, fault_drill=fault_drill_set(run))
     if report:
         print(describe(plan, planned_for.gpu_memory_gb), flush=True)
         plan.save(run.run_dir)
@@ -125,6 +127,13 @@ def preflight(run: RunConfig, resources: Callable[[], ClusterResources], *, runs
         # null left the micro-batch to the planner; from here on the run holds its pick (evaluation batches, model card)
         run.trainer.micro_batch_size = plan.micro_batch_size
     return Preflight(plan=plan, resources=planned_for, model_config=model_config, raw_data=raw)
+
+
+def fault_drill_set(run: RunConfig) -> bool:
+    """ORCHESTRATOR_KILL_WORKER is set: a worker of this run will kill its own process (restarts.FaultDrill)."""
+    from orchestrator.restarts import FaultDrill
+
+    return FaultDrill.from_environment(run.run_dir) is not None
 
 
 def plan_recipe(run: RunConfig, plan: Plan, train_rows: Optional[int], apply: bool) -> None:

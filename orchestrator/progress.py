@@ -8,7 +8,8 @@ rather than every N%: a short run still shows a line every half minute, and an 8
 not a line per hour. Lines printed here carry no `(RayTrainWorker pid=...)` prefix: they are the driver's.
 
 Through Ray's object store, not a file: it works the same when the workers run on other machines than the
-driver (cluster.address, a RayJob).
+driver (cluster.address, a RayJob). A recipe in the driver's own process (cluster.in_process) puts its events into a
+`LocalFeed` instead, which takes the same calls without Ray.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 LINE_EVERY_S = 30.0  # a non-terminal console: a progress line this often
@@ -133,9 +135,14 @@ class ProgressSender:
 
 
 def _wait(ref) -> None:
+    _result(ref, timeout=60)
+
+
+def _result(ref, timeout: float) -> Any:
+    """A feed call's result: Ray's reference resolved; a LocalFeed's calls return theirs at once."""
     import ray
 
-    ray.get(ref, timeout=60)
+    return ray.get(ref, timeout=timeout) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def forward_own_warnings(sender: ProgressSender) -> None:
@@ -187,6 +194,31 @@ def start_feed():
     return ProgressFeed.options(scheduling_strategy=here).remote()
 
 
+class LocalFeed:
+    """The feed of a recipe that runs in the driver's own process (cluster.in_process), where Ray may not be
+    started: the actor's calls (`put.remote`, `take.remote`), done at once, so that the sender and the view are the
+    same code for both."""
+
+    def __init__(self):
+        self.events: List[Dict[str, Any]] = []
+        self.lock = threading.Lock()  # the recipe puts on the main thread, the view takes on its own
+        self.put, self.take = SimpleNamespace(remote=self._put), SimpleNamespace(remote=self._take)
+
+    def _put(self, events: List[Dict[str, Any]]) -> None:
+        with self.lock:
+            self.events.extend(events)
+
+    def _take(self) -> List[Dict[str, Any]]:
+        with self.lock:
+            events, self.events = self.events, []
+        return events
+
+
+def nothing_to_place() -> Tuple[bool, Dict[str, float]]:
+    """ProgressView's `placement` for a recipe in the driver's process: no workers wait for Ray's resources."""
+    return False, {}
+
+
 def _placement() -> Tuple[bool, Dict[str, float]]:
     """(a placement group of this Ray cluster still waits for resources, what Ray has free now)."""
     import ray
@@ -234,10 +266,8 @@ class ProgressView:
             self.take()
 
     def take(self) -> None:
-        import ray
-
         try:
-            events = ray.get(self.feed.take.remote(), timeout=30)
+            events = _result(self.feed.take.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - the feed is gone (Ray shut down): nothing more to draw
             return
         for event in events:

@@ -35,6 +35,7 @@ from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_wei
 from orchestrator.deepspeed_config import deepspeed_config
 from orchestrator.errors import UserError
 from orchestrator.generation_eval import generated_answers
+from orchestrator.in_process_storage import InProcessStorage
 from orchestrator.logs import redirect_worker_output
 from orchestrator.losses import class_weights_for, loss_terms, target_weight
 from orchestrator.metrics import forgetting_metrics, prefixed, validation_metrics
@@ -45,6 +46,7 @@ from orchestrator.plain_engine import PlainEngine
 from orchestrator.plan import Plan
 from orchestrator.progress import ProgressSender, forward_own_warnings
 from orchestrator.restarts import FaultDrill, Progress, restart_checkpoint
+from orchestrator.run_identity import run_storage
 from orchestrator.selection import Selection, WeightSnapshot
 from orchestrator.timing import PhaseTimer, peak_gpu_memory
 from orchestrator.tracking import Tracker
@@ -60,6 +62,9 @@ class WorkerInput:
     feed: Any = None  # the driver's ProgressFeed (orchestrator/progress.py): rank 0's progress, notes and warnings
     fault: Optional[FaultDrill] = None  # ORCHESTRATOR_KILL_WORKER, for failure drills
     run_id: Optional[str] = None  # run_identity.claim_run: a restart continues only this run's checkpoints
+    # the recipe runs in the driver's own process (cluster.in_process: launch/in_process.py), through Ray Train's
+    # local mode: no GPU assigned by Ray, and no checkpoint stored by it (in_process_storage.py stores them)
+    in_process: bool = False
 
 
 def train_loop(config: Dict[str, Any]) -> None:
@@ -77,6 +82,8 @@ class Recipe:
         self.total_steps = self.plan.max_steps  # from trainer.epochs or trainer.max_steps (plan.py)
         self.timer = PhaseTimer()
         self.started_at = time.time()  # wall clock: the driver's fit() to here is Ray starting the workers
+        self.storage = (InProcessStorage.of(run_storage(self.run_config, worker.run_id),
+                                            self.run_config.trainer.keep_checkpoints) if worker.in_process else None)
 
     def run(self) -> None:
         # the start-up phases are timed (time/<phase>_s): the console's final summary says where the start went
@@ -111,7 +118,7 @@ class Recipe:
         self.sender = ProgressSender(self.worker.feed if self.rank == 0 else None)
         if self.rank == 0:
             forward_own_warnings(self.sender)  # ours reach the driver's console; the libraries' stay in the log
-        self.device = ray.train.torch.get_device()
+        self.device = worker_device(self.worker.in_process, self.plan.use_gpu)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group Ray set up
@@ -352,7 +359,8 @@ class Recipe:
         """Collective: every rank writes its shard; the final one adds the consolidated Hugging Face export."""
         export = (self.model, self.tokenizer, self.plan.strategy, self.run_config.peft) if final else None
         save_and_report(self.engine, self.state.step, {"step": self.state.step, **metrics},
-                        {"history": self.state.to_history()}, export=export, identity=self.identity())
+                        {"history": self.state.to_history()}, export=export, identity=self.identity(),
+                        storage=self.storage)
 
     def identity(self) -> Dict[str, Any]:
         """What each rank's marker records beside its files: which run wrote it, and with what strategy and
@@ -434,6 +442,14 @@ class NonFiniteSteps:
                 f"step(s) in a row from step {self.first_step} on (trainer.max_nonfinite_steps={self.limit}), at "
                 f"learning rate {self.first_lr:.3g}; the weights are broken, so no export was written and {kept}. "
                 f"Try a lower optim.lr, or {clip}")
+
+
+def worker_device(in_process: bool, use_gpu: bool) -> torch.device:
+    """The GPU Ray Train assigned this worker (or the CPU); in the driver's own process, where Ray assigns nothing,
+    the first GPU this process sees."""
+    if not in_process:
+        return ray.train.torch.get_device()
+    return torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
 
 def quiet_ray_report_lines() -> None:

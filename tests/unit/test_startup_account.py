@@ -19,3 +19,13 @@ def test_each_phase_is_named_with_its_seconds_and_the_rest_closes_the_sum():
 
 def test_metrics_without_the_marks_give_no_line():
     assert startup_account({"time/command_started_at": 1.0, "time/first_step_at": 2.0}) == ""
+
+
+def test_a_run_in_the_drivers_process_started_no_ray():
+    """cluster.in_process: the recipe starts right after fit() (the second phase is ~0 and left out)."""
+    metrics = {"time/command_started_at": 100.0, "time/fit_started_at": 105.0, "time/worker_started_at": 105.01,
+               "time/setup_worker_s": 0.2, "time/build_data_s": 0.1, "time/build_engine_s": 3.0,
+               "time/restore_s": 0.0, "time/eval_before_s": 1.0, "time/first_step_at": 109.5, "launch/in_process": True}
+    line = startup_account(metrics)
+    assert line.startswith("start-up 10s: imports and the plan 5.0s, worker setup 0.2s, data 0.1s, model and engine")
+    assert "Ray" not in line
