@@ -58,7 +58,7 @@ def fit_in_process(run: RunConfig, plan: Plan):
                                                           storage_path=storage_root(run)))
     os.makedirs(logs_dir(run.run_dir), exist_ok=True)
     console.note(f"logs: {logs_dir(run.run_dir)}/ (the training's output in worker_0.log: it runs in this process)")
-    with console_kept() as out, worker_hooks_undone():
+    with console_kept() as out:
         view = ProgressView(feed, terminal=out.isatty(), console=Console(file=out, highlight=False, soft_wrap=True),
                             placement=nothing_to_place)
         fit_started_at = time.time()  # for the start-up account: before this, imports and the plan (no Ray)
@@ -75,7 +75,7 @@ def fit_with_restarts(trainer, run: RunConfig, plan: Plan, sender):
     failures = 0
     while True:
         try:
-            with process_group_of_one(plan.use_gpu):
+            with process_group_of_one(plan.use_gpu), worker_hooks_undone():
                 return trainer.fit()
         except UserError:
             raise
@@ -193,7 +193,8 @@ def console_kept():
 @contextlib.contextmanager
 def worker_hooks_undone():
     """What the recipe hooks into its process for rank 0's warnings (progress.forward_own_warnings) undone when it
-    ends: in the driver, later warnings are not sent to a feed nobody reads, and the next run hooks in afresh."""
+    ends: in the driver, later warnings are not sent to a feed nobody reads, and the next attempt (a restart) or run
+    hooks in afresh, rather than around the last one's hook (which would send each warning twice)."""
     shown = warnings.showwarning
     own = logging.getLogger("orchestrator")
     handlers = list(own.handlers)

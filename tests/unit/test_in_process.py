@@ -188,3 +188,20 @@ def test_the_process_group_of_one_is_set_up_and_given_back():
         assert "LOCAL_WORLD_SIZE" not in os.environ  # else Ray Train's local mode would set up one of its own
     assert not dist.is_initialized()
     assert {key: os.environ.get(key) for key in TORCH_ENV} == before
+
+
+def test_the_recipes_warning_hook_is_undone_after_each_attempt():
+    """Rank 0 hooks warnings.showwarning (progress.forward_own_warnings); a restart in this process hooks in again,
+    around the original, not around the failed attempt's hook (each warning would reach the console twice)."""
+    import logging
+    import warnings
+
+    from launch.in_process import worker_hooks_undone
+    from orchestrator.progress import forward_own_warnings
+
+    shown, handlers = warnings.showwarning, list(logging.getLogger("orchestrator").handlers)
+    for _ in range(2):
+        with worker_hooks_undone():
+            forward_own_warnings(ProgressSender(LocalFeed()))
+            assert warnings.showwarning is not shown
+        assert warnings.showwarning is shown and logging.getLogger("orchestrator").handlers == handlers
