@@ -89,19 +89,7 @@ def two_nodes(tmp_path_factory):
             cluster.wait_for_nodes()
         cluster.node_args, cluster.node_environment = node, environment  # for test_a_lost_node_...
         try:
-            ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-
-            def importable_here() -> str:  # nested: pickled by value, not imported from this module on the node
-                try:
-                    import orchestrator
-                except ImportError as err:
-                    return f"ImportError: {err}"
-                return orchestrator.__file__
-
-            probe = ray.remote(num_cpus=0)(importable_here)
-            found = {name: ray.get(probe.options(resources={name: 0.01}).remote(), timeout=120)
-                     for name in ("node_a", "node_b")}
-            ray.shutdown()
+            found = where_the_project_imports(cluster.address)
             yield cluster, found
         finally:
             ray.shutdown()
@@ -109,6 +97,28 @@ def two_nodes(tmp_path_factory):
             cluster.global_state.disconnect()
             shutil.rmtree(temp_dir, ignore_errors=True)
 
+
+
+def where_the_project_imports(address: str) -> dict:
+    """On each node (custom resources node_a, node_b), what `import orchestrator` gives a task there: the file it
+    came from, or the ImportError."""
+    import ray
+
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+
+    def importable_here() -> str:  # nested: pickled by value, not imported from this module on the node
+        try:
+            import orchestrator
+        except ImportError as err:
+            return f"ImportError: {err}"
+        return orchestrator.__file__
+
+    probe = ray.remote(num_cpus=0)(importable_here)
+    try:
+        return {name: ray.get(probe.options(resources={name: 0.01}).remote(), timeout=120)
+                for name in ("node_a", "node_b")}
+    finally:
+        ray.shutdown()
 
 @pytest.fixture(scope="module")
 def two_node_run(two_nodes, tiny_llama_dir, tmp_path_factory):

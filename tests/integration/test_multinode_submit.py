@@ -36,7 +36,7 @@ from ray._private.utils import write_ray_address as write_address_file
 
 from orchestrator.placement import NODES_KEY
 from tests.conftest import ROOT
-from tests.integration.test_multinode import HIDE_HOOK
+from tests.integration.test_multinode import HIDE_HOOK, where_the_project_imports
 from tests.integration.test_rayjob_submit import free_ports
 
 pytestmark = pytest.mark.ray
@@ -89,19 +89,7 @@ def cluster(tmp_path_factory):
         # running on this host (someone else's: Ray's legacy fallback). `ray start --head` writes it there.
         write_address_file(cluster.gcs_address, temp_dir)
         try:
-            ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-
-            def importable_here() -> str:  # nested: pickled by value, not imported from this module on the node
-                try:
-                    import orchestrator
-                except ImportError as err:
-                    return f"ImportError: {err}"
-                return orchestrator.__file__
-
-            probe = ray.remote(num_cpus=0)(importable_here)
-            found = {name: ray.get(probe.options(resources={name: 0.01}).remote(), timeout=120)
-                     for name in ("node_a", "node_b")}
-            ray.shutdown()
+            found = where_the_project_imports(cluster.address)
             yield cluster, f"http://127.0.0.1:{dashboard}", client_port, found
         finally:
             ray.shutdown()
