@@ -256,7 +256,7 @@ def _checkpointing_options(run: RunConfig) -> List[bool]:
 def _predicted(strategy: Strategy, shape: ModelShape, workers: int, tokens: int, checkpointing: bool, run: RunConfig,
                fused_loss: bool) -> Estimate:
     return estimate(strategy, shape, workers, tokens, checkpointing, run.peft.rank, run.model.freeze_depth,
-                    fused_loss)
+                    fused_loss, seq_len=run.data.max_length, lora_targets=run.peft.target_modules)
 
 
 def _limit_gb(resources: ClusterResources) -> Optional[float]:
