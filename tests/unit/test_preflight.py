@@ -56,8 +56,10 @@ def test_a_run_planned_for_another_process_stays_as_composed_and_plans_the_same(
     capsys.readouterr()
     run = compose_run(LOCAL_MODEL, here / "elsewhere")
     checked = quiet(run)
-    # the same plan, but for the run's length, which the run's own preflight counts from the data it reads
-    counted = ("max_steps", "steps_per_epoch", "steps_reason", "eval_every", "selection_reason")
+    # the same plan, but for the run's length, which the run's own preflight counts from the data it reads, and
+    # for how it launches, which the process that runs it decides (plan.choose_launch)
+    counted = ("max_steps", "steps_per_epoch", "steps_reason", "eval_every", "selection_reason", "in_process",
+               "launch_reason")
     assert {k: v for k, v in asdict(checked.plan).items() if k not in counted} == \
         {k: v for k, v in asdict(expected).items() if k not in counted}
     assert run.model.path == "./model" and run.trainer.micro_batch_size is None
