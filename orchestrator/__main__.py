@@ -122,6 +122,9 @@ def describe_config_error(err: BaseException) -> str:
         converted = re.match(r"Value '(.*?)' of type '.*?' could not be converted to (\w+)", message)
         if converted:
             return f"{key}={converted.group(1)} is not allowed: expected {converted.group(2).lower()}"
+        boolean = re.match(r"Value '(.*?)' is not a valid bool", message)
+        if boolean:
+            return f"{key}={boolean.group(1)} is not allowed: expected true or false"
         return f"{key}: {message}"
     text = " ".join(str(err).split("Config search path")[0].split())
     missing = re.search(r"Could not find '(.+?)/(.+?)'.*?Available options in '.+?':\s*(.*)", text)

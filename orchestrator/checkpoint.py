@@ -50,6 +50,7 @@ from orchestrator.config import Strategy
 from orchestrator.errors import UserError
 
 if TYPE_CHECKING:
+    from orchestrator.checkpoint_writer import CheckpointWriter
     from orchestrator.in_process_storage import InProcessStorage
 
 DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint: every rank's ZeRO shards
@@ -110,37 +111,70 @@ def _verified_checksum(file: "Place") -> str:
 
 def save_and_report(engine, step: int, metrics: Dict[str, Any], client_state: Dict[str, Any],
                     export: Optional[tuple] = None, identity: Optional[Dict[str, Any]] = None,
-                    storage: Optional["InProcessStorage"] = None) -> None:
+                    writer: Optional["CheckpointWriter"] = None, storage: Optional["InProcessStorage"] = None) -> None:
     """Collective: all ranks call it. `client_state` (step, history) travels with rank 0's shard.
     `export=(model, tokenizer, strategy, peft config)` adds the consolidated Hugging Face model.
     `identity` (run id, strategy, learning-rate schedule: Recipe.identity) goes into every rank's marker, where the
     driver reads it without loading a shard (check_resume_matches) and a restart tells its own run's checkpoints.
+    `writer` (the worker's checkpoint_writer.CheckpointWriter) times the phases and, where asynchronous
+    (trainer.async_checkpoint) and there is no export, takes the shards into host memory here and leaves writing
+    them, the checksums, the marker and the report to its background thread; without one, all happens here.
     `storage`: the recipe runs in the driver's process (cluster.in_process), where Ray Train stores no checkpoint:
-    it is written beside the run's storage and put there before the report (in_process_storage.py)."""
+    it is written beside the run's storage and put there by publish (in_process_storage.py)."""
+    from orchestrator.checkpoint_writer import CheckpointWriter
+
+    writer = writer or CheckpointWriter(asynchronous=False)
+    record = writer.begin(step)  # waits for the checkpoint in flight: reports stay in order, one snapshot at a time
     rank, world_size = engine.global_rank, _world_size()
     staging_dir = storage.staging_dir() if storage is not None else None  # None: the node's temporary directory
-    # (in the driver's process the directory is gone when it is cleaned up: renamed into the storage)
-    with tempfile.TemporaryDirectory(dir=staging_dir, ignore_cleanup_errors=True) as directory:
-        engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG,
-                               client_state={**client_state, "step": step})
+    directory = tempfile.mkdtemp(prefix="orchestrator-checkpoint-", dir=staging_dir)
+    try:
+        with writer.staged(engine, record, background=export is None) as staging:
+            engine.save_checkpoint(os.path.join(directory, DEEPSPEED_DIR), tag=TAG,
+                                   client_state={**client_state, "step": step})
         if export is not None:
             export_hf(engine, *export, os.path.join(directory, EXPORT_DIR))
         os.makedirs(os.path.join(directory, RNG_DIR))
         torch.save(rng_state(), os.path.join(directory, RNG_DIR, f"rank_{rank}.pt"))
-        # the marker lists this rank's files with their sizes (a copy cut short cannot pass for complete) and
-        # their checksums (nor one whose bytes changed since)
-        paths = {os.path.relpath(os.path.join(root, name), directory): os.path.join(root, name)
-                 for root, _, names in os.walk(directory) for name in names}
-        files = {name: os.path.getsize(file) for name, file in paths.items()}
-        checksums = {name: file_checksum(file) for name, file in paths.items()}
-        os.makedirs(os.path.join(directory, MARKER_DIR))
         # the global batch (rows per optimizer step): a resume on another number of workers keeps it
         batch = {"global_batch_size": engine.train_batch_size()} if hasattr(engine, "train_batch_size") else {}
-        with open(os.path.join(directory, MARKER_DIR, f"rank_{rank}.json"), "w", encoding="utf-8") as handle:
-            json.dump({**(identity or {}), **batch, "step": step, "world_size": world_size, "rank": rank,
-                       "files": files, CHECKSUM: checksums}, handle)
-        stored = storage.persist(directory) if storage is not None else ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=stored)
+        marker = {**(identity or {}), **batch, "step": step, "world_size": world_size, "rank": rank}
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+    def complete() -> None:  # the directory written, marked last, then published; no collective in here
+        try:
+            with writer.timed(record, "write"):
+                staging.write()
+            with writer.timed(record, "checksum"):
+                write_marker(directory, marker)
+            with writer.timed(record, "publish"):
+                publish(directory, metrics, storage)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    writer.submit(record, staging, complete)
+
+
+def write_marker(directory: str, marker: Dict[str, Any]) -> None:
+    """This rank's completion marker, after everything else of it: it lists the rank's files with their sizes (a
+    copy cut short cannot pass for complete) and their checksums (nor one whose bytes changed since)."""
+    paths = {os.path.relpath(os.path.join(root, name), directory): os.path.join(root, name)
+             for root, _, names in os.walk(directory) for name in names}
+    files = {name: os.path.getsize(file) for name, file in paths.items()}
+    checksums = {name: file_checksum(file) for name, file in paths.items()}
+    os.makedirs(os.path.join(directory, MARKER_DIR))
+    with open(os.path.join(directory, MARKER_DIR, f"rank_{marker['rank']}.json"), "w", encoding="utf-8") as handle:
+        json.dump({**marker, "files": files, CHECKSUM: checksums}, handle)
+
+
+def publish(directory: str, metrics: Dict[str, Any], storage: Optional["InProcessStorage"] = None) -> None:
+    """A complete checkpoint directory of this rank into the run's storage: Ray copies it there (every rank's into
+    one checkpoint) and registers it once every rank has reported; in the driver's process, `storage` moves it there
+    and Ray is handed the stored one. The caller removes `directory` afterwards (if it is still there)."""
+    checkpoint = storage.persist(directory) if storage is not None else ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def report_metrics_only(metrics: Dict[str, Any], rank: int) -> None:

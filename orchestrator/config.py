@@ -237,6 +237,9 @@ class TrainerConfig:
     eval_max_new_tokens: int = 64  # longest generated answer, in tokens
     checkpoint_every: int = 0  # steps between sharded DeepSpeed checkpoints (0 = only the final one)
     keep_checkpoints: int = 2  # newest K checkpoints kept
+    # checkpoint_every's checkpoints written in the background: training waits only while the shards are copied
+    # to host memory (orchestrator/checkpoint_writer.py); false = written, checksummed and copied while it waits
+    async_checkpoint: bool = True
     save_final: bool = True  # the final checkpoint and Hugging Face export (false: benchmarks, smoke runs)
     max_failures: int = 2  # worker failures survived per run: all workers restart from the last checkpoint
     # after a failure, continue on fewer workers (down to min_workers) when fewer can be placed, keeping the

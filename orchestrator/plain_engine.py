@@ -24,6 +24,7 @@ class PlainEngine:
         self.autocast_dtype, self.device = autocast_dtype, device
         self.global_rank = 0
         self.micro_steps = 0
+        self.checkpoint_engine = TorchFiles()  # as DeepSpeed's engine: what writes its files (checkpoint_writer.py)
 
     def __call__(self, **batch):
         context = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -61,9 +62,9 @@ class PlainEngine:
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         os.makedirs(os.path.join(directory, tag), exist_ok=True)
-        torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "client_state": client_state},
-                   os.path.join(directory, tag, "state.pt"))
+        self.checkpoint_engine.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                                     "scheduler": self.scheduler.state_dict(), "client_state": client_state},
+                                    os.path.join(directory, tag, "state.pt"))
 
     def load_checkpoint(self, directory: str, tag: str):
         # our own file, written by save_checkpoint: tensors, dicts and numbers only
@@ -72,6 +73,17 @@ class PlainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return directory, state["client_state"]
+
+
+class TorchFiles:
+    """Writes a checkpoint file, as DeepSpeed's TorchCheckpointEngine does: a background checkpoint stands in for it
+    while it takes the state (checkpoint_writer.Staging) and writes through it later."""
+
+    def save(self, state_dict, path: str) -> None:
+        torch.save(state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
 
 
 def _is_quantized(module: nn.Module) -> bool:

@@ -64,7 +64,9 @@ class Progress:
 @dataclass
 class FaultDrill:
     """ORCHESTRATOR_KILL_WORKER=<rank>:<step> on the driver: that worker kills itself as it starts that step,
-    once per run (the marker file says it happened), to exercise Ray Train's restart and our resume."""
+    once per run (the marker file says it happened), to exercise Ray Train's restart and our resume. Every rank
+    first completes its checkpoint in flight (trainer.async_checkpoint: Recipe.train), so the restart continues
+    from the newest checkpoint before that step, as it would after synchronous saves."""
 
     rank: int
     step: int

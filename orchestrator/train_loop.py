@@ -29,6 +29,7 @@ import torch.distributed as dist
 from orchestrator import early_stopping, kernels
 from orchestrator.adapters import apply_adapter
 from orchestrator.checkpoint import report_metrics_only, restore, save_and_report
+from orchestrator.checkpoint_writer import CheckpointWriter
 from orchestrator.config import Precision, RunConfig, Task, config_dict
 from orchestrator.data import encode_data, read_data
 from orchestrator.data.batching import GlobalBatchSchedule, collate, mix_row_weights, model_inputs
@@ -90,8 +91,13 @@ class Recipe:
         for phase in (self.setup_worker, self.build_data, self.build_engine, self.restore):
             with self.timer(phase.__name__):
                 phase()
-        self.train()
-        self.finish()
+        try:
+            self.train()
+            self.finish()
+        except BaseException:
+            self.checkpoints.close(failing=True)  # the one in flight completes: the restart's, or resume=auto's
+            raise
+        self.checkpoints.close()
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -123,6 +129,8 @@ class Recipe:
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group Ray set up
         self.nodes = gather_nodes(self.rank, self.world_size)  # which node each rank runs on (placement.py)
+        # writes checkpoint_every's checkpoints in the background (trainer.async_checkpoint), times every one
+        self.checkpoints = CheckpointWriter(self.run_config.trainer.async_checkpoint, context.get_local_world_size())
         torch.manual_seed(self.run_config.trainer.seed)
 
     def build_data(self) -> None:
@@ -240,6 +248,8 @@ class Recipe:
 
         for step in range(state.step, self.total_steps):
             if self.worker.fault:
+                if self.worker.fault.step == step + 1:  # every rank: the drill's kill follows complete checkpoints,
+                    self.checkpoints.wait()  # as a synchronous save leaves them, so the restart's is known
                 self.worker.fault.strike(self.rank, step + 1)
             with self.timer("train"):
                 measured = self.train_step(step)
@@ -266,7 +276,8 @@ class Recipe:
                 self.tracker.note(f"stopped early at step {done}: {stop}")
                 break
             if trainer.checkpoint_every and done % trainer.checkpoint_every == 0 and done < self.total_steps:
-                self.save_checkpoint(metrics)
+                with self.timer("checkpoint"):  # the training loop's wait (time/checkpoint_s)
+                    self.save_checkpoint(metrics)
                 nonfinite.saved_step = done
         if nonfinite.streak:  # the last steps were not finite, fewer than the limit: no export of those weights
             self.tracker.note(nonfinite.message())
@@ -360,7 +371,7 @@ class Recipe:
         export = (self.model, self.tokenizer, self.plan.strategy, self.run_config.peft) if final else None
         save_and_report(self.engine, self.state.step, {"step": self.state.step, **metrics},
                         {"history": self.state.to_history()}, export=export, identity=self.identity(),
-                        storage=self.storage)
+                        writer=self.checkpoints, storage=self.storage)
 
     def identity(self) -> Dict[str, Any]:
         """What each rank's marker records beside its files: which run wrote it, and with what strategy and
@@ -376,9 +387,11 @@ class Recipe:
         with self.timer("eval"):
             final_eval = prefixed("eval", self.validate(with_confusion=self.task is Task.classification))
             final_eval.update(self.choose_final_weights(final_eval))
+        with self.timer("checkpoint"):
+            self.checkpoints.wait()  # the last periodic checkpoint is complete: its figures are in the final report
         final = {"step": len(self.state.loss), **self.state.to_history(), **self.last_metrics, **final_eval,
-                 **self.timer.seconds(), **peak_gpu_memory(self.device), NODES_KEY: self.nodes,
-                 "time/worker_started_at": self.started_at}
+                 **self.timer.seconds(), **peak_gpu_memory(self.device), **self.checkpoints.figures(),
+                 NODES_KEY: self.nodes, "time/worker_started_at": self.started_at}
         if run.trainer.save_final:
             self.save_checkpoint(final, final=True)
         else:

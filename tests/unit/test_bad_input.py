@@ -27,8 +27,10 @@ GOOD2 = '{"text": "Disputes go to arbitration.", "label": "arbitration"}'
 CASES = [
     ("unknown key", ["model.foo=1"], None, "model.foo: no such key; allowed keys here: allow_download"),
     ("misspelt key", ["trainer.max_step=3"], None,
-     "trainer.max_step: no such key; allowed keys here: checkpoint_every"),
+     "trainer.max_step: no such key; allowed keys here: async_checkpoint, checkpoint_every"),
     ("wrong type", ["trainer.max_steps=abc"], None, "trainer.max_steps=abc is not allowed: expected integer"),
+    ("not a boolean", ["trainer.async_checkpoint=maybe"], None,
+     "trainer.async_checkpoint=maybe is not allowed: expected true or false"),
     ("bad enum", ["logger.mode=loud"], None,
      "logger.mode=loud is not allowed: expected one of online, offline, disabled"),
     ("unknown strategy", ["strategy=bogus"], None, "strategy=bogus is not allowed: expected one of auto, full"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchestrator import train_loop
+from orchestrator.checkpoint_writer import CheckpointWriter
 from orchestrator.config import Task
 from orchestrator.progress import ProgressSender
 from orchestrator.timing import PhaseTimer
@@ -29,6 +30,7 @@ def recipe(tmp_path, save_final=True):
     r.started_at = 0.0  # __init__'s wall clock (the start-up account)
     r.plan = SimpleNamespace(micro_batch_size=1)
     r.state, r.last_metrics, r.timer = TrainState(step=2, loss=[2.0, 1.0]), {"train/loss": 1.0}, PhaseTimer()
+    r.checkpoints = CheckpointWriter(asynchronous=False)  # setup_worker's: nothing in flight
     r.tracker = Tracker(run.logger, True, "t", str(tmp_path), 2, {}, sender=sender)
     r.engine = r.tokenizer = r.data = SimpleNamespace(validation=[])
     r.validate = lambda with_confusion=False: (calls.append("validate"), {"loss": 0.5})[1]
