@@ -106,7 +106,8 @@ def test_a_file_picks_configs_and_sets_dict_keys_as_an_experiment_does(tmp_path)
 
 
 ERRORS = [  # (file text, extra arguments, the message after "error: <file>")
-    ("trainer:\n  epochs: 1\n  epoch: 3\n", [], ":3: trainer.epoch: no such key; allowed keys here: checkpoint_every"),
+    ("trainer:\n  epochs: 1\n  epoch: 3\n", [],
+     ":3: trainer.epoch: no such key; allowed keys here: async_checkpoint, checkpoint_every"),
     ("trainer:\n  max_steps: abc\n", [], ":2: trainer.max_steps=abc is not allowed: expected integer"),
     ("model:\n  path: [x\n", [], ":3: not valid YAML: expected ',' or ']'"),
     ("logger:\n  mode: loud\n", [], ":2: logger.mode=loud is not allowed: expected one of online, offline, disabled"),
