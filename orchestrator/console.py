@@ -68,8 +68,9 @@ def startup_account(metrics: Dict) -> str:
     """Where the time from the command to the first step went, phase by phase ('' for runs without the marks)."""
     try:
         parts = [(label, seconds(metrics)) for label, seconds in STARTUP_PHASES]
-        if metrics.get("launch/in_process"):  # the recipe ran in this process (cluster.in_process): no Ray started
-            parts[0] = ("imports and the plan", parts[0][1])
+        if metrics.get("launch/in_process"):  # the recipe ran in this process (cluster.in_process): no Ray started,
+            # no workers to start; the moment between fit() and the recipe (Ray Train's local controller) is the plan's
+            parts[:2] = [("imports and the plan", parts[0][1] + parts[1][1])]
         total = metrics["time/first_step_at"] - metrics["time/command_started_at"]
     except KeyError:
         return ""
