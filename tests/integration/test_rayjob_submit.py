@@ -158,7 +158,9 @@ def test_rendered_rayjob_runs_on_the_ray_jobs_api(ray_head, tmp_path, monkeypatc
     inner_plan = json.loads((run_dir / "plan.json").read_text())
     outer_plan = json.loads((tmp_path / "here" / "plan.json").read_text())
     # the pods planned the same; only they count the training rows an epoch holds (after tokenizing in the cluster)
-    counted = ("steps_per_epoch", "steps_reason")
+    # and decide how it launches: on the cluster's Ray Train workers, never in the job's driver process
+    counted = ("steps_per_epoch", "steps_reason", "in_process", "launch_reason")
     assert {k: v for k, v in inner_plan.items() if k not in counted} == \
         {k: v for k, v in outer_plan.items() if k not in counted}
+    assert inner_plan["in_process"] is False and "cluster.address" in inner_plan["launch_reason"]
     assert "strategy=full" in logs  # the driver's output is the job's log
