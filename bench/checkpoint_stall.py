@@ -18,8 +18,14 @@ Figures per case, from the run's metrics.json (rank 0; orchestrator/checkpoint_w
               background's slowing of the steps beside it included; and that cost as a share of the wall time of
               --project-every steps (the default trainer.checkpoint_every=100 of the recipes) at `none`'s step time
 
-  CPU:  python bench/checkpoint_stall.py --device cpu --model 200m --steps 20 --every 5 --seq 128
-  GPU:  python bench/checkpoint_stall.py --device cuda --gpus 1 --model 1b --steps 40 --every 10 --seq 2048
+One worker runs in the driver's process by default (cluster.in_process=auto), where publishing is a rename into the
+run's storage; the extra override cluster.in_process=false puts it on a Ray Train worker, where publishing is
+ray.train.report's copy (as for every run of several workers).
+
+  CPU:  python bench/checkpoint_stall.py --device cpu --model 200m --steps 20 --every 5 --seq 128 \
+            --cases none,sync,async,sync,async cluster.in_process=false
+  GPU:  python bench/checkpoint_stall.py --device cuda --gpus 1 --model 1b --steps 40 --every 10 --seq 2048 \
+            --cases none,sync,async,sync,async cluster.in_process=false
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,6 +111,8 @@ def run_case(case: str, index: int, args, tokenizer: str) -> Dict[str, Any]:
     stored = [d for d in (run_dir / "checkpoints").rglob("checkpoint_*") if d.is_dir()]
     if stored:  # the largest checkpoint in storage (the newest is the final report's metrics)
         row["checkpoint_gib"] = max(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in stored) / 2**30
+    if not args.keep_checkpoints:  # measured: the next case needs the disk (keep_checkpoints of them each)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return row
 
 
@@ -184,6 +193,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="in this order; a case may repeat")
     parser.add_argument("--project-every", type=int, default=100)
     parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--keep-checkpoints", action="store_true", help="leave each case's checkpoints on disk")
     parser.add_argument("--scratch", default="/var/tmp/checkpoint_stall")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "issue18"))
     parser.add_argument("--tag", default=None, help="name of the results file (default: <model>_<device>)")
