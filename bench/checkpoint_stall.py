@@ -159,20 +159,20 @@ def print_table(rows: List[Dict[str, Any]], project_every: int) -> None:
     def f(value, spec=".2f"):
         return "" if value is None or value != value else format(value, spec)
 
-    print(f"| case | checkpoint GiB | blocked s: first, later (mean) | complete s (mean) | save | write | checksum | "
-          f"publish | step s | steps slowed, s per checkpoint | cost s per checkpoint | share of {project_every} steps "
-          "| loop s vs none, per checkpoint | losses = none |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| case | checkpoint GiB | blocked s: first, later (mean) | of which waiting for the previous | "
+          f"complete s (mean) | save | write | checksum | publish | step s | steps slowed, s per checkpoint | "
+          f"cost s per checkpoint | share of {project_every} steps | loop s vs none, per checkpoint | losses = none |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['case']} | failed: {r['error']} |")
             continue
         blocked = r.get("blocked_s", [])
         if not blocked:
-            print(f"| {r['case']} | | | | | | | | {f(r['step_s_median'])} | | | | | |")
+            print(f"| {r['case']} | | | | | | | | | {f(r['step_s_median'])} | | | | | |")
             continue
         print(f"| {r['case']} | {f(r.get('checkpoint_gib'))} | {f(blocked[0])}, {f(mean(blocked[1:]))} | "
-              f"{f(mean(r.get('complete_s', [])))} | {f(mean(r.get('save_s', [])))} | "
+              f"{f(sum(r.get('wait_s', [])))} | {f(mean(r.get('complete_s', [])))} | {f(mean(r.get('save_s', [])))} | "
               f"{f(mean(r.get('write_s', [])))} | "
               f"{f(mean(r.get('checksum_s', [])))} | {f(mean(r.get('publish_s', [])))} | {f(r['typical_step_s'])} | "
               f"{r['overlapped_steps']}, {f(r['slowdown_per_checkpoint_s'])} | {f(r['cost_per_checkpoint_s'])} | "

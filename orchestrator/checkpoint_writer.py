@@ -46,7 +46,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 HOST_SHARE = 0.5  # of the node's available host memory, for the snapshots of all its workers at once
-PHASES = ("blocked", "save", "write", "checksum", "publish", "complete")  # what `figures` reports, per checkpoint
+PHASES = ("blocked", "wait", "save", "write", "checksum", "publish", "complete")  # `figures`, per checkpoint
 
 
 class HostBuffers:
@@ -237,7 +237,7 @@ class CheckpointWriter:
         started = time.perf_counter()
         self.wait()
         self.buffers.release()  # (after a save that failed before its write: its snapshot is dropped)
-        record = {"step": step, "started": started}
+        record = {"step": step, "started": started, "wait": time.perf_counter() - started}
         self.records.append(record)
         return record
 
@@ -304,9 +304,11 @@ class CheckpointWriter:
 
     def figures(self) -> Dict[str, Any]:
         """Seconds per checkpoint and phase (rank 0's: the final metrics' checkpoint/*): blocked (the training
-        loop's time in the checkpoint, waiting for the previous one included), save (DeepSpeed's save_checkpoint:
-        writing the shards, or staging them), write (the staged shards to files, in the background), checksum (and
-        the marker), publish (ray.train.report: Ray's copy into storage), complete (from the start to published)."""
+        loop's time in the checkpoint, waiting for the previous one included), wait (that wait: the previous one
+        was not complete yet, checkpoints come faster than the background writes them), save (DeepSpeed's
+        save_checkpoint: writing the shards, or staging them), write (the staged shards to files, in the
+        background), checksum (and the marker), publish (ray.train.report: Ray's copy into storage; in the driver's
+        process, the rename into it), complete (from the start to published)."""
         done = [r for r in self.records if "complete" in r]
         figures: Dict[str, Any] = {f"checkpoint/{phase}_s": [round(r.get(phase, 0.0), 4) for r in done]
                                    for phase in PHASES}

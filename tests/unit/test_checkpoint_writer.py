@@ -163,7 +163,9 @@ def test_the_next_checkpoint_waits_for_the_one_in_flight(slow_files, published):
     assert [c["marker"]["step"] for c in published.calls] == [5]  # published before the next one started
     writer.close()
     assert [c["marker"]["step"] for c in published.calls] == [5, 10]
-    assert writer.figures()["checkpoint/blocked_s"][1] >= DELAY / 2  # the wait for step 5 is the loop's
+    figures = writer.figures()
+    assert figures["checkpoint/blocked_s"][1] >= DELAY / 2 and figures["checkpoint/wait_s"][1] >= DELAY / 2
+    assert figures["checkpoint/wait_s"][0] < DELAY / 2  # the loop waited for step 5's write, not for nothing
 
 
 def test_async_and_sync_checkpoints_are_the_same_files(published):
