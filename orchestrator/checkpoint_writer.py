@@ -270,17 +270,22 @@ class CheckpointWriter:
     def submit(self, record: Dict[str, float], staging, complete: Callable[[], None]) -> None:
         """Run `complete` (write what was staged, checksums, marker, publish): on the background thread where
         something was staged, else here."""
-        if not staging.files:
+        if staging.files:
+            self.thread = threading.Thread(target=self._complete, args=(record, complete, True),
+                                           name=f"checkpoint-writer-{record['step']}", daemon=True)
+            self.thread.start()
+        else:
             self._complete(record, complete)
-            record["blocked"] = time.perf_counter() - record["started"]
-            return
-        self.thread = threading.Thread(target=self._complete, args=(record, complete, True),
-                                       name=f"checkpoint-writer-{record['step']}", daemon=True)
-        self.thread.start()
         record["blocked"] = time.perf_counter() - record["started"]
 
+    @contextlib.contextmanager
     def timed(self, record: Dict[str, float], phase: str):
-        return _Timed(record, phase)
+        """Adds the seconds inside to record[phase] (also when it raises: a failed write's time is seen)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            record[phase] = record.get(phase, 0.0) + time.perf_counter() - started
 
     def wait(self) -> None:
         """Until the checkpoint in flight is complete; raises its failure."""
@@ -329,14 +334,3 @@ class CheckpointWriter:
             self.failure = err
         finally:
             self.buffers.release()
-
-
-class _Timed:
-    def __init__(self, record: Dict[str, float], phase: str):
-        self.record, self.phase = record, phase
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.record[self.phase] = self.record.get(self.phase, 0.0) + time.perf_counter() - self.started
