@@ -87,17 +87,30 @@ class Recipe:
                                             self.run_config.trainer.keep_checkpoints) if worker.in_process else None)
 
     def run(self) -> None:
-        # the start-up phases are timed (time/<phase>_s): the console's final summary says where the start went
-        for phase in (self.setup_worker, self.build_data, self.build_engine, self.restore):
-            with self.timer(phase.__name__):
-                phase()
         try:
-            self.train()
-            self.finish()
-        except BaseException:
-            self.checkpoints.close(failing=True)  # the one in flight completes: the restart's, or resume=auto's
-            raise
-        self.checkpoints.close()
+            # the start-up phases are timed (time/<phase>_s): the console's final summary says where the start went
+            for phase in (self.setup_worker, self.build_data, self.build_engine, self.restore):
+                with self.timer(phase.__name__):
+                    phase()
+            try:
+                self.train()
+                self.finish()
+            except BaseException:
+                self.checkpoints.close(failing=True)  # the one in flight completes: the restart's, or resume=auto's
+                raise
+            self.checkpoints.close()
+        finally:
+            self.release_engine()
+
+    def release_engine(self) -> None:
+        """DeepSpeed's engine.destroy(): it removes the hooks ZeRO-3 put on the parameters' gradient nodes, which
+        hold the optimizer from outside Python's garbage collector, so that the model, its optimizer state and the
+        engine can be freed when the recipe ends. A worker's process ends anyway; a run in the driver's process
+        (cluster.in_process), its restarts and the next run there need the memory back."""
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        self.engine = self.model = None
 
     # --- setup ------------------------------------------------------------------------------------------------
 
@@ -127,6 +140,9 @@ class Recipe:
         self.device = worker_device(self.worker.in_process, self.plan.use_gpu)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            # gpu/max_*_gib are this run's peaks, also where the process ran something before (cluster.in_process:
+            # a restart, or the next run of a notebook or a test session)
+            torch.cuda.reset_peak_memory_stats(self.device)
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group Ray set up
         self.nodes = gather_nodes(self.rank, self.world_size)  # which node each rank runs on (placement.py)
         # writes checkpoint_every's checkpoints in the background (trainer.async_checkpoint), times every one

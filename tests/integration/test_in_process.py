@@ -10,7 +10,8 @@ steps, 2 kept. The reference is the same run on a Ray Train worker (cluster.in_p
   copied from the last one; a file:// storage URI takes them the same way;
 - an exception in the training function is retried in this process from the newest complete checkpoint (and said
   on the console), with the reference's losses; a UserError is not retried;
-- a run that failed after a checkpoint is continued in-process by resume=auto, with the reference's losses.
+- a run that failed after a checkpoint is continued in-process by resume=auto, with the reference's losses;
+- the finished run leaves no DeepSpeed engine alive in this process (its model and optimizer state freed).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def stored_steps(run_dir) -> list:
 @pytest.fixture(scope="module")
 def in_process_run(tiny_llama_dir, tmp_path_factory):
     """The run as a user starts it (cluster.in_process=auto), with what it left: (run_dir, metrics, pids, Ray
-    started before, Ray started after)."""
+    started before, Ray started after, DeepSpeed engines alive before and after it, garbage collected)."""
     import ray
 
     run_dir = tmp_path_factory.mktemp("in_process")
@@ -90,12 +91,22 @@ def in_process_run(tiny_llama_dir, tmp_path_factory):
     run = train_loop.Recipe.run
     train_loop.Recipe.run = lambda self: (pids.append(os.getpid()), run(self))[1]
     try:
-        was_up = ray.is_initialized()
+        was_up, engines_before = ray.is_initialized(), live_engines()
         metrics = execute(compose_run(overrides(tiny_llama_dir), run_dir))
-        is_up = ray.is_initialized()
+        is_up, engines_after = ray.is_initialized(), live_engines()
     finally:
         train_loop.Recipe.run = run
-    return run_dir, metrics, pids, was_up, is_up
+    return run_dir, metrics, pids, was_up, is_up, (engines_before, engines_after)
+
+
+def live_engines() -> int:
+    """DeepSpeed engines still reachable in this process after a garbage collection."""
+    import gc
+
+    import deepspeed
+
+    gc.collect()
+    return sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects())
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +120,15 @@ def reference(ray_cluster, tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.ray
 def test_a_one_worker_run_trains_in_this_process_as_a_ray_worker_does(in_process_run, reference):
-    run_dir, metrics, pids, was_up, is_up = in_process_run
+    run_dir, metrics, pids, was_up, is_up, engines = in_process_run
     assert pids == [os.getpid()] and metrics["launch/in_process"] is True
+    # the finished run's engine, model and optimizer state are freed (engine.destroy and DeepSpeed's module-level
+    # references dropped, launch/in_process.py): on a GPU they held the next run's memory
+    assert engines[1] == engines[0], f"DeepSpeed engines alive before / after the run: {engines}"
     assert is_up == was_up  # the in-process run started no Ray (the reference's cluster may have been up already)
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["in_process"] is True and plan["launch_reason"].startswith("in this process, without starting Ray")
+    assert plan["zero_stage"] == 3  # the engine whose release is checked above is DeepSpeed's
     assert_same_losses(metrics["train/loss_history"], reference)
     assert stored_steps(run_dir) == [6, 8]  # checkpoints at 2, 4, 6 and the final 8; trainer.keep_checkpoints=2
     assert (run_dir / "export" / "config.json").is_file()
