@@ -7,6 +7,10 @@ full ZeRO-3 on one GPU holds about 20 GB of weights, gradients and optimizer sta
 2048 tokens, so that its activations (about 11 GB) outweigh the estimate's fixed 1.5 GiB. Packed rows (data.packing)
 give every step exactly the planned tokens; 3 steps; evaluation on one short validation row; no export
 (trainer.save_final=false). The target, from issue 3 and bench/RESULTS.md: within 15% either way.
+Each run trains on a Ray Train worker (cluster.in_process=false): a process of its own, as a user's run is, so that
+the peak is the run's alone. In the test session's process the same LoRA run measured 11.6 GiB first, 15.5 GiB after
+the full run, and 34 GiB in the suite of 2026-12-01 (the earlier runs' memory is freed, 64 MiB left, but the CUDA
+allocator and the libraries' state are not as a fresh process has them).
 Skipped without a CUDA GPU.
 """
 
@@ -37,7 +41,7 @@ def test_the_memory_estimate_is_within_15_percent_of_the_measured_peak(strategy,
         "data.packing=true", f"data.max_length={seq}", "data.max_validation_rows=1", f"strategy={strategy}",
         "trainer.max_steps=3", f"trainer.micro_batch_size={micro}", "trainer.eval_every=0",
         "trainer.eval_generate_rows=0", "trainer.save_final=false", "optim.lr=1e-5", "optim.warmup_ratio=0",
-        "logger.mode=disabled"])
+        "logger.mode=disabled", "cluster.in_process=false"])
     plan, metrics = trained.plan, trained.metrics
     predicted = plan["predicted_gib_per_gpu"]
     reserved, allocated = metrics.get("gpu/max_reserved_gib"), metrics.get("gpu/max_allocated_gib")
